@@ -1,0 +1,1 @@
+"""Self-Questioning Language Models in JAX: a proposer writes questions, a solver answers, both learn."""
