@@ -1,0 +1,152 @@
+"""Label-free rewards: majority vote for the solver, difficulty shapes for the proposer.
+
+Everything here is array code over a [Q, N] matrix (Q questions, N solver samples each), so
+it runs inside `jax.jit` and costs nothing next to sampling. The host maps each parsed answer
+to an integer id (equal ids = the same normalised answer, -1 = no parseable answer); the
+reward code never sees text.
+
+Shapes of the proposer reward (`PROPOSER_SHAPES`), with k = votes for the majority answer
+and p = k / N (or the mean pass rate for coding):
+  "sqlm"         1 iff 1 < k < N: the reference code (a lone majority of 1 is not agreement).
+  "sqlm_paper"   1 iff 0 < k < N: as the paper states it.
+  "rzero"        min(p, 1 - p): R-Zero's uncertainty reward, highest (0.5) at p = 0.5.
+  "learnability" 1 - p, and 0 when p == 0: AZR's learnability reward.
+  "gaussian"     exp(-(p - centre)^2 / (2 width^2)): a soft band around `centre`.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+PROPOSER_SHAPES = ("sqlm", "sqlm_paper", "rzero", "learnability", "gaussian")
+
+INVALID_ID = -1
+
+
+def majority_vote(answer_ids):
+  """Most frequent valid answer per question.
+
+  Args:
+    answer_ids: int [Q, N]; ids >= 0 are answers, -1 (any negative id) is an invalid answer,
+      which never votes and never wins.
+
+  Returns:
+    majority_id: int [Q], the winning id, -1 where no answer is valid.
+    k: int [Q], how many of the N answers equal the majority (0 where none is valid).
+    has_majority: bool [Q], k > 0.
+
+  Ties are broken towards the smallest id. If the host assigns ids in order of first
+  appearance within a question, that is the tied answer seen first. Use `majority_is_tied`
+  to treat ties as "no majority" instead.
+  """
+  answer_ids = jnp.asarray(answer_ids)
+  valid = answer_ids >= 0  # [Q, N]
+  # same[q, i, j]: answers i and j of question q are the same valid answer. O(N^2) per
+  # question, which is cheaper than a sort for the N (4..64) used in self-play.
+  same = (answer_ids[:, :, None] == answer_ids[:, None, :]) & valid[:, :, None]  # [Q, N, N]
+  votes = jnp.sum(same, axis=-1, dtype=jnp.int32)  # [Q, N], 0 for invalid answers
+  k = jnp.max(votes, axis=-1)  # [Q]
+  has_majority = k > 0
+  # Among the answers that reach k votes, the smallest id wins.
+  at_max = (votes == k[:, None]) & valid  # [Q, N]
+  big = jnp.iinfo(answer_ids.dtype).max
+  majority_id = jnp.min(jnp.where(at_max, answer_ids, big), axis=-1)  # [Q]
+  majority_id = jnp.where(has_majority, majority_id, INVALID_ID).astype(answer_ids.dtype)
+  return majority_id, k, has_majority
+
+
+def majority_is_tied(answer_ids):
+  """bool [Q]: two or more distinct valid answers share the top vote count."""
+  answer_ids = jnp.asarray(answer_ids)
+  valid = answer_ids >= 0
+  same = (answer_ids[:, :, None] == answer_ids[:, None, :]) & valid[:, :, None]
+  votes = jnp.sum(same, axis=-1, dtype=jnp.int32)  # [Q, N]
+  k = jnp.max(votes, axis=-1)  # [Q]
+  # Each answer id at the top appears exactly k times among the answers at the top.
+  answers_at_max = jnp.sum((votes == k[:, None]) & valid, axis=-1)  # [Q]
+  return (k > 0) & (answers_at_max > k)
+
+
+def solver_reward(answer_ids, min_votes=1, break_ties=True):
+  """float [Q, N]: 1.0 where the answer is valid and equals the question's majority answer.
+
+  Args:
+    answer_ids: int [Q, N], -1 = invalid.
+    min_votes: a majority with fewer votes than this rewards nobody. The reference uses 1;
+      2 stops an all-different group from rewarding one arbitrary answer.
+    break_ties: if False, a question whose top vote count is shared rewards nobody, rather
+      than rewarding the smallest tied id.
+  """
+  answer_ids = jnp.asarray(answer_ids)
+  majority_id, k, has_majority = majority_vote(answer_ids)
+  rewarded = has_majority & (k >= min_votes)  # [Q]
+  if not break_ties:
+    rewarded = rewarded & ~majority_is_tied(answer_ids)
+  agrees = (answer_ids == majority_id[:, None]) & (answer_ids >= 0)  # [Q, N]
+  return (agrees & rewarded[:, None]).astype(jnp.float32)
+
+
+def _check_shape(shape):
+  if shape not in PROPOSER_SHAPES:
+    raise ValueError(
+        f"Unknown proposer reward shape {shape!r}; choose one of {', '.join(PROPOSER_SHAPES)}.")
+
+
+def _soft_shape(p, shape, centre, width):
+  """Proposer reward as a function of the solve rate p in [0, 1] for the non-band shapes."""
+  if shape == "rzero":
+    return jnp.minimum(p, 1.0 - p)
+  if shape == "learnability":
+    return jnp.where(p > 0, 1.0 - p, 0.0)
+  if shape == "gaussian":
+    if width <= 0:
+      raise ValueError(f"Gaussian proposer reward needs width > 0, got {width}.")
+    return jnp.exp(-jnp.square(p - centre) / (2.0 * width * width))
+  raise AssertionError(shape)
+
+
+def proposer_reward(k, n, shape="sqlm", centre=0.5, width=0.2):
+  """float [Q]: how useful each question is as a training question for the current solver.
+
+  Args:
+    k: int [Q], votes for the majority answer (from `majority_vote`); 0 = no valid answer.
+    n: N, the number of solver samples per question.
+    shape: one of PROPOSER_SHAPES (see the module docstring).
+    centre, width: the "gaussian" shape's peak and spread in units of p = k / N.
+  """
+  _check_shape(shape)
+  k = jnp.asarray(k)
+  if shape == "sqlm":
+    return ((k > 1) & (k < n)).astype(jnp.float32)
+  if shape == "sqlm_paper":
+    return ((k > 0) & (k < n)).astype(jnp.float32)
+  p = k.astype(jnp.float32) / n
+  return _soft_shape(p, shape, centre, width).astype(jnp.float32)
+
+
+def pass_rate_solver_reward(passed, test_mask):
+  """float [Q, N]: fraction of the question's tests that each program passes.
+
+  Args:
+    passed: float [Q, N, T], 1.0 where program n passed test t (0 for a crash or timeout).
+    test_mask: [Q, T], 1 for real tests, 0 for padding. A question with no tests gets 0;
+      the caller masks such proposals out as malformed.
+  """
+  passed = jnp.asarray(passed, jnp.float32)
+  test_mask = jnp.asarray(test_mask, jnp.float32)
+  n_tests = jnp.sum(test_mask, axis=-1)  # [Q]
+  n_passed = jnp.einsum("qnt,qt->qn", passed, test_mask)  # [Q, N]
+  return n_passed / jnp.maximum(n_tests, 1.0)[:, None]
+
+
+def pass_rate_proposer_reward(passed, test_mask, shape="sqlm", centre=0.5, width=0.2):
+  """float [Q]: the proposer reward shapes applied to p = the mean pass rate over N programs.
+
+  "sqlm" and "sqlm_paper" both mean 0 < p < 1 here: some program fails some test and some
+  program passes some test.
+  """
+  _check_shape(shape)
+  p = jnp.mean(pass_rate_solver_reward(passed, test_mask), axis=-1)  # [Q]
+  if shape in ("sqlm", "sqlm_paper"):
+    return ((p > 0) & (p < 1)).astype(jnp.float32)
+  return _soft_shape(p, shape, centre, width).astype(jnp.float32)

@@ -1,0 +1,130 @@
+"""Hand-worked cases for the majority vote, proposer shapes and pass-rate rewards."""
+
+import jax
+import numpy as np
+import pytest
+
+from sqlm_jax import rewards
+
+
+def test_majority_vote_hand_cases():
+  answer_ids = np.array([
+      [3, 3, 3, 3],  # unanimous
+      [5, 2, 5, 2],  # tie between 5 and 2: smallest id wins
+      [-1, -1, -1, -1],  # all invalid
+      [-1, 4, 4, -1],  # mixed invalid: invalid answers never vote
+      [0, 1, 2, 3],  # all different: tie of four, smallest id
+      [-1, -1, -1, 7],  # one valid answer
+      [1, 0, 0, 1],  # tie where the larger id was seen first
+  ])
+  majority_id, k, has_majority = jax.jit(rewards.majority_vote)(answer_ids)
+  np.testing.assert_array_equal(majority_id, [3, 2, -1, 4, 0, 7, 0])
+  np.testing.assert_array_equal(k, [4, 2, 0, 2, 1, 1, 2])
+  np.testing.assert_array_equal(has_majority, [True, True, False, True, True, True, True])
+  np.testing.assert_array_equal(
+      rewards.majority_is_tied(answer_ids), [False, True, False, False, True, False, True])
+
+
+def test_invalid_majority_never_wins():
+  # Three invalid answers outnumber the two valid ones; the valid answer still wins.
+  majority_id, k, _ = rewards.majority_vote(np.array([[-1, -1, -1, 9, 9]]))
+  assert int(majority_id[0]) == 9 and int(k[0]) == 2
+
+
+def test_n_equals_one():
+  answer_ids = np.array([[4], [-1]])
+  majority_id, k, has_majority = rewards.majority_vote(answer_ids)
+  np.testing.assert_array_equal(majority_id, [4, -1])
+  np.testing.assert_array_equal(k, [1, 0])
+  np.testing.assert_array_equal(has_majority, [True, False])
+  np.testing.assert_array_equal(rewards.solver_reward(answer_ids), [[1.0], [0.0]])
+  # With N = 1 no band shape can reward a question: k is 0 or N.
+  np.testing.assert_array_equal(rewards.proposer_reward(k, 1, "sqlm_paper"), [0.0, 0.0])
+
+
+def test_solver_reward():
+  answer_ids = np.array([
+      [3, 3, 1, -1],
+      [5, 2, 5, 2],
+      [-1, -1, -1, -1],
+      [0, 1, 2, 3],
+  ])
+  np.testing.assert_array_equal(
+      jax.jit(rewards.solver_reward)(answer_ids),
+      [[1, 1, 0, 0], [0, 1, 0, 1], [0, 0, 0, 0], [1, 0, 0, 0]])
+  # min_votes=2: the all-different group rewards nobody.
+  np.testing.assert_array_equal(
+      rewards.solver_reward(answer_ids, min_votes=2),
+      [[1, 1, 0, 0], [0, 1, 0, 1], [0, 0, 0, 0], [0, 0, 0, 0]])
+  # break_ties=False: tied groups reward nobody.
+  np.testing.assert_array_equal(
+      rewards.solver_reward(answer_ids, break_ties=False),
+      [[1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
+
+
+K = np.array([0, 1, 2, 3, 4])  # N = 4
+
+
+@pytest.mark.parametrize("shape, expected", [
+    ("sqlm", [0, 0, 1, 1, 0]),
+    ("sqlm_paper", [0, 1, 1, 1, 0]),
+    ("rzero", [0, 0.25, 0.5, 0.25, 0]),
+    ("learnability", [0, 0.75, 0.5, 0.25, 0]),
+    ("gaussian", np.exp(-np.square(K / 4 - 0.5) / (2 * 0.2**2))),
+])
+def test_proposer_shapes(shape, expected):
+  got = rewards.proposer_reward(K, 4, shape)
+  np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_gaussian_centre_width():
+  got = rewards.proposer_reward(np.array([1, 3]), 4, "gaussian", centre=0.25, width=0.5)
+  np.testing.assert_allclose(got, [1.0, np.exp(-0.25 / 0.5)], rtol=1e-6)
+
+
+def test_proposer_shape_under_jit():
+  fn = jax.jit(rewards.proposer_reward, static_argnames=("n", "shape"))
+  np.testing.assert_array_equal(fn(K, n=4, shape="sqlm"), [0, 0, 1, 1, 0])
+
+
+def test_unknown_shape_names_it_and_the_choices():
+  with pytest.raises(ValueError, match="'band'.*sqlm_paper.*gaussian"):
+    rewards.proposer_reward(K, 4, "band")
+  with pytest.raises(ValueError, match="'band'"):
+    rewards.pass_rate_proposer_reward(np.zeros((1, 1, 1)), np.ones((1, 1)), "band")
+
+
+def _coding_case():
+  # Q = 3 questions, N = 2 programs, T = 3 test slots; question 0 has only 2 real tests.
+  test_mask = np.array([[1, 1, 0], [1, 1, 1], [1, 1, 1]], np.float32)
+  passed = np.array([
+      [[1, 0, 1], [1, 1, 1]],  # the passed masked test must not count
+      [[1, 1, 1], [1, 1, 1]],  # everything passes
+      [[0, 0, 0], [0, 0, 0]],  # nothing passes
+  ], np.float32)
+  return passed, test_mask
+
+
+def test_pass_rate_solver_reward():
+  passed, test_mask = _coding_case()
+  np.testing.assert_allclose(
+      jax.jit(rewards.pass_rate_solver_reward)(passed, test_mask),
+      [[0.5, 1.0], [1.0, 1.0], [0.0, 0.0]])
+
+
+def test_pass_rate_solver_reward_no_tests():
+  np.testing.assert_array_equal(
+      rewards.pass_rate_solver_reward(np.ones((1, 2, 2)), np.zeros((1, 2))), [[0.0, 0.0]])
+
+
+@pytest.mark.parametrize("shape, expected", [
+    ("sqlm", [1, 0, 0]),
+    ("sqlm_paper", [1, 0, 0]),
+    ("rzero", [0.25, 0, 0]),
+    ("learnability", [0.25, 0, 0]),
+    ("gaussian", [np.exp(-0.0625 / 0.08), np.exp(-0.25 / 0.08), np.exp(-0.25 / 0.08)]),
+])
+def test_pass_rate_proposer_reward(shape, expected):
+  passed, test_mask = _coding_case()  # mean pass rates p = [0.75, 1, 0]
+  got = rewards.pass_rate_proposer_reward(passed, test_mask, shape)
+  np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
