@@ -1,0 +1,170 @@
+"""Batched sampling: one jitted prefill plus a jitted `lax.while_loop` decode over a KV cache.
+
+What is static and what is traced is deliberate (as in gemma's sampler): the model config,
+`max_new_tokens`, the number of samples per prompt and the padded shapes are static; the
+temperature, top-k, top-p, stop ids and the PRNG key are traced, so changing them never
+recompiles. Prompts are left-padded to a few length buckets (and the batch to a few sizes) so
+shapes repeat across calls. N samples of one prompt share one prefill: the prompt's cache is
+computed once and repeated N times before decoding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sqlm_jax.models import transformer
+from sqlm_jax.models.config import ModelConfig
+
+
+@dataclasses.dataclass
+class SampleOutput:
+  """Completions of B prompts x N samples, row r = prompt r // N (numpy, on the host)."""
+
+  tokens: np.ndarray  # [B*N, max_new_tokens], pad after the stop token (the stop token is kept).
+  logprobs: np.ndarray  # [B*N, max_new_tokens] log-prob of each token under the sampling distribution.
+  lengths: np.ndarray  # [B*N] completion lengths, stop token included.
+  prompt_tokens: np.ndarray  # [B, P] the left-padded prompts.
+  prompt_mask: np.ndarray  # [B, P]
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+  """Rounds n up to a power of two (>= minimum) so few distinct shapes get compiled."""
+  return max(minimum, 1 << max(0, (n - 1).bit_length()))
+
+
+def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+  """Masks logits [B, V] outside top-k (0 = off) and the top-p nucleus (1.0 = off); both traced."""
+
+  def apply(logits):
+    vocab = logits.shape[-1]
+    ordered = -jnp.sort(-logits, axis=-1)  # [B, V] descending
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    kth = jax.lax.dynamic_slice_in_dim(ordered, k - 1, 1, axis=-1)  # [B, 1]
+    ordered = jnp.where(ordered < kth, -jnp.inf, ordered)
+    probs = jax.nn.softmax(ordered, axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+    keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p
+    threshold = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where((logits < kth) | (logits < threshold), -jnp.inf, logits)
+
+  return jax.lax.cond((top_k > 0) | (top_p < 1.0), apply, lambda x: x, logits)
+
+
+def sample_token(logits: jax.Array, key: jax.Array, temperature, top_k, top_p):
+  """Samples from logits [B, V]; temperature 0 is greedy. Returns (token [B], logprob [B])."""
+  greedy = temperature <= 0
+  scaled = logits / jnp.where(greedy, 1.0, temperature)
+  scaled = filter_logits(scaled, top_k, top_p)
+  logp = jax.nn.log_softmax(scaled, axis=-1)
+  token = jnp.where(greedy, jnp.argmax(logits, axis=-1), jax.random.categorical(key, scaled, axis=-1))
+  return token, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=("config", "cache_length", "num_samples"))
+def prefill(params, config: ModelConfig, tokens, mask, cache_length: int, num_samples: int = 1):
+  """Runs left-padded prompts [B, P] into a fresh cache, then repeats it for N samples each.
+
+  Returns (last logits [B*N, V], cache with B*N rows, last positions [B*N]).
+  """
+  cache = transformer.init_cache(config, tokens.shape[0], cache_length)
+  positions = transformer.positions_from_mask(mask)
+  logits, cache = transformer.forward_with_cache(params, config, tokens, positions, mask, cache)
+  repeat = lambda x, axis: jnp.repeat(x, num_samples, axis=axis) if num_samples > 1 else x
+  cache = {"k": repeat(cache["k"], 1), "v": repeat(cache["v"], 1), "mask": repeat(cache["mask"], 0),
+           "index": cache["index"]}
+  return repeat(logits[:, -1], 0), cache, repeat(positions[:, -1], 0)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "num_samples"),
+                   donate_argnames=("cache",))
+def decode(params, config: ModelConfig, cache, last_logits, last_position, num_prompts, key,
+           temperature, top_k, top_p, stop_ids, pad_id, *, max_new_tokens: int, num_samples: int):
+  """Samples up to max_new_tokens per row, each row stopping at a stop id.
+
+  Rows are prompt-major (row = prompt * N + sample); last_position [rows] is the position of
+  each prompt's last token; rows past num_prompts * N are batch padding. The cache is donated
+  and updated in place; it is returned only so its buffer can be reused.
+  """
+  rows = last_logits.shape[0]
+
+  def choose(logits, step, done):
+    token, logp = sample_token(logits, jax.random.fold_in(key, step), temperature, top_k, top_p)
+    token = jnp.where(done, pad_id, token)
+    return token, jnp.where(done, 0.0, logp), done | jnp.isin(token, stop_ids)
+
+  token, logp, done = choose(last_logits, 0, jnp.arange(rows) >= num_prompts * num_samples)
+  tokens = jnp.full((rows, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(token)
+  logprobs = jnp.zeros((rows, max_new_tokens), jnp.float32).at[:, 0].set(logp)
+  lengths = jnp.ones((rows,), jnp.int32)
+
+  def cond(state):
+    step, _, _, _, done, _, _ = state
+    return (step < max_new_tokens) & ~jnp.all(done)
+
+  def body(state):
+    step, tokens, logprobs, lengths, done, cache, token = state
+    positions = (last_position + step)[:, None]
+    logits, cache = transformer.forward_with_cache(params, config, token[:, None], positions,
+                                                   jnp.ones((rows, 1), bool), cache)
+    token, logp, now_done = choose(logits[:, 0], step, done)
+    tokens = tokens.at[:, step].set(token)
+    logprobs = logprobs.at[:, step].set(logp)
+    lengths = lengths + (~done).astype(jnp.int32)
+    return step + 1, tokens, logprobs, lengths, now_done, cache, token
+
+  state = (jnp.ones((), jnp.int32), tokens, logprobs, lengths, done, cache, token)
+  _, tokens, logprobs, lengths, _, cache, _ = jax.lax.while_loop(cond, body, state)
+  return tokens, logprobs, lengths, cache
+
+
+class Sampler:
+  """Samples completions for lists of token-id prompts of different lengths."""
+
+  def __init__(self, config: ModelConfig, pad_id: int, stop_ids: Sequence[int],
+               min_prompt_bucket: int = 16, min_batch_bucket: int = 1):
+    if not stop_ids:
+      raise ValueError("Sampler needs at least one stop id (the tokenizer's eos).")
+    self.config = config
+    self.pad_id = int(pad_id)
+    self.stop_ids = jnp.asarray(sorted(set(int(i) for i in stop_ids)), jnp.int32)
+    self.min_prompt_bucket = min_prompt_bucket
+    self.min_batch_bucket = min_batch_bucket
+
+  def pad_prompts(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pads prompts to a length bucket and the batch to a size bucket (dummy rows masked)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+      raise ValueError("Every prompt needs at least one token.")
+    length = bucket(max(len(p) for p in prompts), self.min_prompt_bucket)
+    batch = bucket(len(prompts), self.min_batch_bucket)
+    tokens = np.full((batch, length), self.pad_id, np.int32)
+    mask = np.zeros((batch, length), bool)
+    for row, prompt in enumerate(prompts):
+      tokens[row, length - len(prompt):] = prompt
+      mask[row, length - len(prompt):] = True
+    mask[len(prompts):, -1] = True  # Dummy rows: one real token so their softmax is well defined.
+    return tokens, mask
+
+  def __call__(self, params, prompts: Sequence[Sequence[int]], key: jax.Array, *,
+               max_new_tokens: int, num_samples: int = 1, temperature: float = 1.0,
+               top_k: int = 0, top_p: float = 1.0) -> SampleOutput:
+    tokens, mask = self.pad_prompts(prompts)
+    cache_length = tokens.shape[1] + max_new_tokens
+    if cache_length > self.config.max_position_embeddings:
+      raise ValueError(f"Prompt bucket {tokens.shape[1]} + max_new_tokens {max_new_tokens} exceeds "
+                       f"max_position_embeddings={self.config.max_position_embeddings}.")
+    logits, cache, last_position = prefill(params, self.config, tokens, mask, cache_length,
+                                           num_samples)
+    out, logprobs, lengths, _ = decode(
+        params, self.config, cache, logits, last_position, jnp.int32(len(prompts)), key,
+        jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p), self.stop_ids,
+        jnp.int32(self.pad_id), max_new_tokens=max_new_tokens, num_samples=num_samples)
+    rows = len(prompts) * num_samples
+    out, logprobs, lengths = jax.device_get((out, logprobs, lengths))
+    return SampleOutput(tokens=out[:rows], logprobs=logprobs[:rows], lengths=lengths[:rows],
+                        prompt_tokens=tokens[:len(prompts)], prompt_mask=mask[:len(prompts)])
