@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 from sqlm_jax.tasks.base import Proposal, Task
 
 TASK_NAMES = ("arithmetic", "algebra", "generic", "coding")
@@ -23,6 +25,16 @@ def get_task(name: str) -> Task:
     from sqlm_jax.tasks import generic
     return generic.make_task()
   if name == "coding":
-    from sqlm_jax.tasks import coding
-    return coding.TASK
+    return _coding_task()
   raise ValueError(f"unknown task {name!r}; valid names are {', '.join(TASK_NAMES)}")
+
+
+def _coding_task() -> Task:
+  try:
+    coding = importlib.import_module("sqlm_jax.tasks.coding")
+  except ModuleNotFoundError as error:
+    if error.name != "sqlm_jax.tasks.coding":
+      raise
+    raise ValueError("task 'coding' needs sqlm_jax/tasks/coding.py, which this checkout lacks; "
+                     "use one of arithmetic, algebra, generic") from error
+  return coding.TASK
