@@ -1,0 +1,360 @@
+"""Policy-gradient pieces against hand-worked values and a loop-by-loop NumPy reference."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from sqlm_jax import rl
+
+pytestmark = pytest.mark.filterwarnings("ignore:Some donated buffers were not usable")
+
+V, D, T = 7, 8, 6
+
+
+def _cfg(**overrides):
+  cfg = rl.default_config()
+  cfg.update(overrides)
+  return cfg
+
+
+# ------------------------------------------------------------------------------ advantages
+
+
+def test_group_advantages_hand_cases():
+  rewards = np.array([[1.0, 0.0, 0.0, 1.0], [1.0, 0.0, 0.0, 0.0]])
+  np.testing.assert_allclose(
+      rl.group_advantages(rewards, "grpo", eps=0.0),
+      [[1, -1, -1, 1], [math.sqrt(3), -1 / math.sqrt(3), -1 / math.sqrt(3), -1 / math.sqrt(3)]],
+      rtol=1e-6)
+  np.testing.assert_allclose(
+      rl.group_advantages(rewards, "rloo"),
+      [[2 / 3, -2 / 3, -2 / 3, 2 / 3], [1, -1 / 3, -1 / 3, -1 / 3]], rtol=1e-6)
+  np.testing.assert_allclose(
+      rl.group_advantages(rewards, "drgrpo"),
+      [[0.5, -0.5, -0.5, 0.5], [0.75, -0.25, -0.25, -0.25]], rtol=1e-6)
+
+
+@pytest.mark.parametrize("estimator", rl.ADVANTAGE_ESTIMATORS)
+def test_group_advantages_equal_rewards_are_exactly_zero(estimator):
+  # 0.1 is not exact in binary: the mean rounds, and grpo's eps would amplify it.
+  rewards = np.array([[0.1, 0.1, 0.1], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
+  np.testing.assert_array_equal(rl.group_advantages(rewards, estimator), np.zeros((3, 3)))
+
+
+def test_group_advantages_masked_members():
+  rewards = np.array([[1.0, 0.0, 5.0, 1.0], [3.0, 1.0, 0.0, 0.0]])
+  mask = np.array([[True, True, False, True], [True, False, False, False]])
+  std = math.sqrt(2 / 9)
+  np.testing.assert_allclose(
+      rl.group_advantages(rewards, "grpo", eps=0.0, mask=mask),
+      [[1 / 3 / std, -2 / 3 / std, 0, 1 / 3 / std], [0, 0, 0, 0]], rtol=1e-6)
+  np.testing.assert_allclose(
+      rl.group_advantages(rewards, "rloo", mask=mask), [[0.5, -1, 0, 0.5], [0, 0, 0, 0]],
+      rtol=1e-6)
+  np.testing.assert_allclose(
+      rl.group_advantages(rewards, "drgrpo", mask=mask),
+      [[1 / 3, -2 / 3, 0, 1 / 3], [0, 0, 0, 0]], rtol=1e-6, atol=1e-7)
+
+
+def test_group_advantages_unknown_estimator():
+  with pytest.raises(ValueError, match="'ppo'.*rloo"):
+    rl.group_advantages(np.zeros((1, 2)), "ppo")
+
+
+# ------------------------------------------------------------------------------- log-probs
+
+
+def test_token_logprobs_shift_and_temperature():
+  logits = np.random.default_rng(0).normal(size=(2, 3, 4)).astype(np.float32)
+  tokens = np.array([[1, 2, 3], [0, 3, 3]])
+  logprobs, entropy = rl.token_logprobs(jnp.asarray(logits), jnp.asarray(tokens), 2.0)
+  assert logprobs.shape == entropy.shape == (2, 3)
+  for b in range(2):
+    assert logprobs[b, 0] == 0 and entropy[b, 0] == 0
+    for t in range(1, 3):
+      z = logits[b, t - 1] / 2.0
+      logp = z - np.log(np.sum(np.exp(z)))
+      np.testing.assert_allclose(logprobs[b, t], logp[tokens[b, t]], rtol=1e-5)
+      np.testing.assert_allclose(entropy[b, t], -np.sum(np.exp(logp) * logp), rtol=1e-5)
+
+
+def test_positions_from_mask():
+  mask = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0]])
+  np.testing.assert_array_equal(rl.positions_from_mask(mask), [[0, 0, 0, 1, 2], [0, 1, 2, 2, 2]])
+
+
+# ------------------------------------------------------------------------------------ loss
+
+
+def test_policy_loss_single_sequence_by_hand():
+  # Ratios 2 and 0.5 on two scored tokens, eps 0.2 / 0.28.
+  logprobs = jnp.array([[0.0, math.log(2.0), math.log(0.5)]])
+  old = jnp.zeros((1, 3))
+  loss_mask = jnp.array([[0.0, 1.0, 1.0]])
+  cfg = _cfg(clip_eps_low=0.2, clip_eps_high=0.28, loss_agg="token_mean")
+  # A = +2: min(2*2, 2*1.28) = 2.56 and min(2*0.5, 2*0.8) = 1.0; the high clip bites once.
+  loss, m = rl.policy_loss(logprobs, old, jnp.array([2.0]), loss_mask, jnp.ones(1), cfg)
+  np.testing.assert_allclose(loss, -(2.56 + 1.0) / 2, rtol=1e-6)
+  np.testing.assert_allclose([m["clip_high"], m["clip_low"]], [0.5, 0.0])
+  np.testing.assert_allclose([m["ratio"], m["ratio_max"], m["ratio_min"]], [1.25, 2, 0.5],
+                             rtol=1e-6)
+  # A = -2: max(4, 2.56) = 4 and max(1.0, 1.6) = 1.6; the low clip bites once.
+  loss, m = rl.policy_loss(logprobs, old, jnp.array([-2.0]), loss_mask, jnp.ones(1), cfg)
+  np.testing.assert_allclose(loss, (4 + 1.6) / 2, rtol=1e-6)
+  np.testing.assert_allclose([m["clip_high"], m["clip_low"]], [0.0, 0.5])
+
+
+def _numpy_loss(lp, old, adv, loss_mask, sw, cfg, ref=None):
+  """Loop-by-loop reference for `policy_loss`."""
+  b_size, t_size = lp.shape
+  token_loss = np.zeros((b_size, t_size))
+  for b in range(b_size):
+    for t in range(t_size):
+      if loss_mask[b, t] == 0 or sw[b] == 0:
+        continue
+      r = math.exp(lp[b, t] - old[b, t])
+      clipped = min(max(r, 1 - cfg.clip_eps_low), 1 + cfg.clip_eps_high)
+      x = max(-adv[b] * r, -adv[b] * clipped)
+      if cfg.kl_coef:
+        d = ref[b, t] - lp[b, t]
+        x += cfg.kl_coef * (-d if cfg.kl_estimator == "k1" else math.exp(d) - d - 1)
+      token_loss[b, t] = x
+  if cfg.loss_agg == "token_mean":
+    weights = loss_mask * sw[:, None]
+    return np.sum(weights * token_loss) / np.sum(weights)
+  total = 0.0
+  for b in range(b_size):
+    if cfg.loss_agg == "seq_mean_token_mean":
+      seq = np.sum(token_loss[b] * loss_mask[b]) / np.sum(loss_mask[b])
+    else:
+      seq = np.sum(token_loss[b] * loss_mask[b]) / cfg.max_completion_length
+    total += sw[b] * seq
+  return total / np.sum(sw)
+
+
+def _loss_inputs():
+  loss_mask = np.array([
+      [0, 0, 1, 1, 1, 1],
+      [0, 0, 0, 1, 1, 0],
+      [0, 1, 1, 1, 1, 1],
+      [0, 0, 0, 0, 1, 1],
+  ], np.float32)
+  # Log-ratios spread over both clip sides (exp(+-0.5) is outside [0.8, 1.28]).
+  log_ratio = np.array([
+      [0, 0, 0.5, -0.5, 0.1, -0.1],
+      [0, 0, 0, 0.4, -0.4, 0],
+      [0, 3.0, -3.0, 0.2, 0.0, 0.0],
+      [0, 0, 0, 0, -0.6, 0.6],
+  ], np.float32)
+  lp = np.random.default_rng(1).uniform(-3, -0.1, size=(4, T)).astype(np.float32) * loss_mask
+  old = (lp - log_ratio) * loss_mask
+  ref = (lp + np.random.default_rng(2).normal(0, 0.3, size=(4, T))).astype(np.float32) * loss_mask
+  adv = np.array([1.5, -0.7, 2.0, -1.2], np.float32)
+  sw = np.array([1, 1, 0, 1], np.float32)  # row 2 is masked out
+  return lp, old, adv, loss_mask, sw, ref
+
+
+@pytest.mark.parametrize("loss_agg", rl.LOSS_AGGREGATIONS)
+@pytest.mark.parametrize("kl", [None, "k1", "k3", "low_var"])
+def test_policy_loss_matches_numpy(loss_agg, kl):
+  lp, old, adv, loss_mask, sw, ref = _loss_inputs()
+  cfg = _cfg(loss_agg=loss_agg, kl_coef=0.0 if kl is None else 0.3, kl_estimator=kl or "k1",
+             max_completion_length=8)
+  loss, metrics = rl.policy_loss(jnp.asarray(lp), old, adv, loss_mask, sw, cfg, ref_logprobs=ref)
+  np.testing.assert_allclose(loss, _numpy_loss(lp, old, adv, loss_mask, sw, cfg, ref), rtol=1e-5)
+  # Scored tokens: rows 0, 1, 3 -> 4 + 2 + 2 (row 2 has weight 0).
+  assert metrics["tokens"] == 8 and metrics["sequences"] == 3
+  # High side active only for A > 0 and ratio > 1.28: row 0's e^0.5.
+  np.testing.assert_allclose(metrics["clip_high"], 1 / 8)
+  # Low side active only for A < 0 and ratio < 0.8: row 1's e^-0.4 and row 3's e^-0.6.
+  np.testing.assert_allclose(metrics["clip_low"], 2 / 8)
+
+
+def test_policy_loss_needs_ref_for_kl():
+  lp, old, adv, loss_mask, sw, _ = _loss_inputs()
+  with pytest.raises(ValueError, match="kl_coef=0.1 needs ref_logprobs"):
+    rl.policy_loss(jnp.asarray(lp), old, adv, loss_mask, sw, _cfg(kl_coef=0.1))
+
+
+def test_plain_object_config():
+  class Cfg:
+    clip_eps_low, clip_eps_high, kl_coef, kl_estimator = 0.2, 0.2, 0.0, "k1"
+    loss_agg = "token_mean"
+  lp, old, adv, loss_mask, sw, _ = _loss_inputs()
+  loss, _ = rl.policy_loss(jnp.asarray(lp), old, adv, loss_mask, sw, Cfg())
+  assert np.isfinite(loss)
+  with pytest.raises(ValueError, match="loss_agg='sum'"):
+    Cfg.loss_agg = "sum"
+    rl.policy_loss(jnp.asarray(lp), old, adv, loss_mask, sw, Cfg())
+
+
+# ---------------------------------------------------------------------- toy model and steps
+
+
+def toy_apply(params, tokens, positions, attention_mask):
+  """A causal toy LM: running mean of the embeddings of real tokens, plus positions."""
+  mask = attention_mask.astype(jnp.float32)[..., None]  # [B, T, 1]
+  h = params["embed"][tokens] * mask  # [B, T, D]
+  h = jnp.cumsum(h, axis=1) / jnp.maximum(jnp.cumsum(mask, axis=1), 1.0)
+  h = jnp.tanh(h + params["pos"][positions])
+  return h @ params["out"] + params["bias"]  # [B, T, V]
+
+
+def toy_params(seed=0):
+  k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+  return dict(embed=jax.random.normal(k1, (V, D)), pos=0.5 * jax.random.normal(k2, (T, D)),
+              out=jax.random.normal(k3, (D, V)) / math.sqrt(D), bias=jnp.zeros(V))
+
+
+def toy_batch(params, cfg):
+  """Left-padded prompts, right-padded completions; row 2 has sample_weight 0."""
+  rng = np.random.default_rng(3)
+  attention_mask = np.array([
+      [1, 1, 1, 1, 1, 1],
+      [0, 1, 1, 1, 1, 0],
+      [1, 1, 1, 1, 1, 1],
+      [0, 0, 1, 1, 1, 1],
+  ], np.int32)
+  loss_mask = np.array([
+      [0, 0, 1, 1, 1, 1],
+      [0, 0, 0, 1, 1, 0],
+      [0, 1, 1, 1, 1, 1],
+      [0, 0, 0, 0, 1, 1],
+  ], np.float32)
+  tokens = rng.integers(0, V, size=(4, T)).astype(np.int32) * attention_mask
+  logprobs = rl.make_logprob_fn(toy_apply, cfg.temperature, 4)(params, tokens, attention_mask)
+  # Sampling-time log-probs a little off the current ones, so some ratios clip.
+  old = (np.asarray(logprobs) + rng.normal(0, 0.3, size=(4, T))) * loss_mask
+  ref = (np.asarray(logprobs) + rng.normal(0, 0.3, size=(4, T))) * loss_mask
+  return dict(tokens=tokens, attention_mask=attention_mask, loss_mask=loss_mask,
+              old_logprobs=old.astype(np.float32), ref_logprobs=ref.astype(np.float32),
+              advantages=np.array([1.0, -0.5, 2.0, 0.8], np.float32),
+              sample_weight=np.array([1, 1, 0, 1], np.float32))
+
+
+def full_batch_grads(params, batch, cfg):
+  def loss_fn(p):
+    positions = rl.positions_from_mask(batch["attention_mask"])
+    logits = toy_apply(p, batch["tokens"], positions, batch["attention_mask"])
+    logprobs, _ = rl.token_logprobs(logits, batch["tokens"], cfg.temperature)
+    return rl.policy_loss(logprobs, batch["old_logprobs"], batch["advantages"],
+                          batch["loss_mask"], batch["sample_weight"], cfg,
+                          ref_logprobs=batch["ref_logprobs"])[0]
+  return jax.value_and_grad(loss_fn)(params)
+
+
+@pytest.mark.parametrize("loss_agg", rl.LOSS_AGGREGATIONS)
+def test_micro_batched_gradient_equals_full_batch(loss_agg):
+  cfg = _cfg(loss_agg=loss_agg, kl_coef=0.1, temperature=0.7, max_completion_length=5)
+  params = toy_params()
+  batch = toy_batch(params, cfg)
+  expected_loss, expected = full_batch_grads(params, batch, cfg)
+  for micro in (1, 2, 4):
+    grads, metrics = jax.jit(rl.make_grad_fn(toy_apply, cfg, micro))(params, batch)
+    for key in params:
+      np.testing.assert_allclose(grads[key], expected[key], rtol=2e-5, atol=1e-7,
+                                 err_msg=f"{key}, micro_batch_size={micro}")
+    np.testing.assert_allclose(metrics["loss"], expected_loss, rtol=1e-5)
+    assert metrics["tokens"] == 8 and metrics["sequences"] == 3
+
+
+@pytest.mark.parametrize("loss_agg", ["token_mean", "seq_mean_token_mean"])
+def test_zero_weight_sequence_has_no_effect(loss_agg):
+  cfg = _cfg(loss_agg=loss_agg, kl_coef=0.1)
+  params = toy_params()
+  batch = toy_batch(params, cfg)
+  grad_fn = jax.jit(rl.make_grad_fn(toy_apply, cfg, 2))
+  grads, metrics = grad_fn(params, batch)
+  changed = dict(batch)
+  changed["tokens"] = batch["tokens"].copy()
+  changed["tokens"][2] = (batch["tokens"][2] + 3) % V
+  changed["advantages"] = batch["advantages"].copy()
+  changed["advantages"][2] = 1e6
+  changed["old_logprobs"] = batch["old_logprobs"].copy()
+  changed["old_logprobs"][2] = -np.inf  # would make an infinite ratio if it leaked
+  changed["ref_logprobs"] = batch["ref_logprobs"].copy()
+  changed["ref_logprobs"][2] = 50.0
+  grads2, metrics2 = grad_fn(params, changed)
+  for key in params:
+    assert np.all(np.isfinite(grads2[key]))
+    np.testing.assert_allclose(grads2[key], grads[key], rtol=0, atol=1e-7, err_msg=key)
+  np.testing.assert_allclose(metrics2["loss"], metrics["loss"], rtol=0, atol=1e-7)
+
+
+def test_batch_checks():
+  cfg = _cfg(kl_coef=0.1)
+  params = toy_params()
+  batch = toy_batch(params, cfg)
+  with pytest.raises(ValueError, match="Batch size 4 is not divisible by micro_batch_size=3"):
+    rl.make_grad_fn(toy_apply, cfg, 3)(params, batch)
+  without_ref = {k: v for k, v in batch.items() if k != "ref_logprobs"}
+  with pytest.raises(KeyError, match="ref_logprobs"):
+    rl.make_grad_fn(toy_apply, cfg, 2)(params, without_ref)
+  bad = dict(batch, advantages=np.zeros((4, 1), np.float32))
+  with pytest.raises(ValueError, match=r"batch\['advantages'\] has shape \(4, 1\)"):
+    rl.make_grad_fn(toy_apply, cfg, 2)(params, bad)
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_update_moves_logprob_of_sampled_tokens(sign):
+  cfg = _cfg(learning_rate=0.03, max_grad_norm=1.0, loss_agg="token_mean")
+  params = toy_params()
+  batch = toy_batch(params, cfg)
+  logprob_fn = rl.make_logprob_fn(toy_apply, cfg.temperature, 2)
+  before = logprob_fn(params, batch["tokens"], batch["attention_mask"])
+  batch = dict(batch, old_logprobs=np.asarray(before) * batch["loss_mask"],
+               advantages=np.array([sign, 0.0, 0.0, 0.0], np.float32),
+               sample_weight=np.array([1, 1, 0, 0], np.float32))
+  del batch["ref_logprobs"]
+  optimizer = rl.make_optimizer(cfg)
+  update = rl.make_update_fn(toy_apply, optimizer, cfg, micro_batch_size=2)
+  params, opt_state, metrics = update(params, optimizer.init(params), batch)
+  after = logprob_fn(params, batch["tokens"], batch["attention_mask"])
+  gain = float(np.sum((np.asarray(after) - np.asarray(before))[0] * batch["loss_mask"][0]))
+  assert sign * gain > 0.01, gain
+  assert metrics["grad_norm"] > 0 and metrics["ratio"] == pytest.approx(1.0, abs=1e-6)
+  assert metrics["clip_low"] == metrics["clip_high"] == 0
+
+
+def test_logprob_fn_matches_direct_and_order():
+  params = toy_params()
+  cfg = _cfg(temperature=0.7)
+  batch = toy_batch(params, cfg)
+  direct, _ = rl.token_logprobs(
+      toy_apply(params, jnp.asarray(batch["tokens"]),
+                rl.positions_from_mask(batch["attention_mask"]), jnp.asarray(batch["attention_mask"])),
+      jnp.asarray(batch["tokens"]), 0.7)
+  micro = rl.make_logprob_fn(toy_apply, 0.7, 2)(params, batch["tokens"], batch["attention_mask"])
+  np.testing.assert_allclose(micro, direct, rtol=1e-6, atol=1e-6)
+
+
+def test_lr_schedule():
+  lr = rl.make_lr_schedule(_cfg(learning_rate=1.0, warmup_steps=4))
+  np.testing.assert_allclose([lr(s) for s in range(6)], [0.25, 0.5, 0.75, 1, 1, 1])
+  lr = rl.make_lr_schedule(_cfg(learning_rate=1.0, warmup_steps=2, lr_schedule="cosine",
+                                total_steps=6, final_lr_ratio=0.1))
+  np.testing.assert_allclose([lr(s) for s in (0, 2, 4, 6, 9)], [0.5, 1.0, 0.55, 0.1, 0.1],
+                             rtol=1e-6)
+  with pytest.raises(ValueError, match="total_steps > warmup_steps=2"):
+    rl.make_lr_schedule(_cfg(warmup_steps=2, lr_schedule="cosine", total_steps=2))
+
+
+def test_weight_decay_skips_vectors():
+  cfg = _cfg(learning_rate=0.1, weight_decay=0.5, max_grad_norm=0.0)
+  params = dict(w=jnp.ones((2, 2)), b=jnp.ones(2))
+  optimizer = rl.make_optimizer(cfg)
+  zero = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = optimizer.update(zero, optimizer.init(params), params)
+  np.testing.assert_allclose(updates["w"], -0.05 * np.ones((2, 2)), rtol=1e-6)
+  np.testing.assert_array_equal(updates["b"], np.zeros(2))
+
+
+def test_missing_config_field_names_it():
+  cfg = ml_collections.ConfigDict(dict(temperature=1.0, loss_agg="token_mean"))
+  with pytest.raises(AttributeError, match="no field 'clip_eps_low'.*default_config"):
+    rl.policy_loss(jnp.zeros((1, 2)), jnp.zeros((1, 2)), jnp.ones(1), jnp.ones((1, 2)),
+                   jnp.ones(1), cfg)
