@@ -1,0 +1,205 @@
+"""Held-out evaluation sets with ground truth, as tensorflow-datasets builders.
+
+  multiplication3    "What is 487 * 319?": three-digit times three-digit, integer answers.
+  linear_equations   one- and two-unknown linear equations with integer coefficients and a
+                     unique rational solution, in the style of OMEGA's linear equations.
+
+Both are generated, not downloaded: a fixed seed (HELDOUT_SEED) drives Python's
+`random.Random`, which nothing in training touches (training randomness is a JAX key derived
+from the config's seed), so the sets are identical on every machine and every run. Training
+never reads them: self-play learns from its own proposals only, and these sets exist for
+`evaluation.py` to measure accuracy against ground truth. Changing what a generator produces
+must bump the builder's VERSION, so old prepared copies are not mistaken for new ones.
+
+Prepared as array_record and read with `tfds.data_source`, which needs no TensorFlow.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from fractions import Fraction
+from typing import Optional
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from sqlm_jax.tasks import math_answers
+
+# Far from the small integers configs use as seeds; offsets give each set its own stream.
+HELDOUT_SEED = 7_340_117
+NUM_EXAMPLES = 500  # the size of the reference evaluation sets
+DEFAULT_DATA_DIR = "~/.cache/sqlm_jax/tfds"
+DATA_DIR_ENV = "SQLM_JAX_TFDS_DIR"
+
+SINGLE_UNKNOWNS = "xyzkmnpt"
+UNKNOWN_PAIRS = (("x", "y"), ("m", "n"), ("p", "q"), ("u", "v"))
+
+
+def multiplication_examples(num_examples: int, seed: int) -> list[dict]:
+  """Distinct "What is a * b?" questions with 100 <= a, b <= 999."""
+  rng = random.Random(seed)
+  pairs: dict[tuple[int, int], None] = {}  # insertion-ordered set
+  while len(pairs) < num_examples:
+    pairs.setdefault((rng.randint(100, 999), rng.randint(100, 999)))
+  return [{"question": f"What is {a} * {b}?", "answer": str(a * b),
+           "answer_digits": len(str(a * b))} for a, b in pairs]
+
+
+def _linear_side(terms: list[tuple[int, str]], constant: int) -> str:
+  """Textbook form of a linear expression: [(3, "x"), (-1, "y")], 5 -> "3x - y + 5"."""
+  parts = []
+  for coefficient, name in terms:
+    if coefficient == 0:
+      continue
+    size = "" if abs(coefficient) == 1 else str(abs(coefficient))
+    parts.append(("-" if coefficient < 0 else "+", f"{size}{name}"))
+  if constant != 0 or not parts:
+    parts.append(("-" if constant < 0 else "+", str(abs(constant))))
+  sign, first = parts[0]
+  text = ("-" if sign == "-" else "") + first
+  return text + "".join(f" {sign} {part}" for sign, part in parts[1:])
+
+
+def _nonzero(rng: random.Random, bound: int) -> int:
+  return rng.choice([value for value in range(-bound, bound + 1) if value != 0])
+
+
+def _one_unknown(rng: random.Random, integer: bool) -> dict:
+  """a*v + b = c*v + d with a != c; c = 0 a third of the time (unknown on one side)."""
+  name = rng.choice(SINGLE_UNKNOWNS)
+  a = _nonzero(rng, 12)
+  c = 0 if rng.random() < 1 / 3 else rng.choice([v for v in range(-12, 13) if v != a])
+  b = rng.randint(-30, 30)
+  # An integer solution is chosen first and d follows from it; otherwise d is free.
+  d = b + (a - c) * rng.randint(-12, 12) if integer else rng.randint(-30, 30)
+  value = Fraction(d - b, a - c)
+  question = f"Solve for {name}: {_linear_side([(a, name)], b)} = {_linear_side([(c, name)], d)}."
+  return {"question": question, "answer": math_answers.format_number(value), "num_unknowns": 1}
+
+
+def _two_unknowns(rng: random.Random, integer: bool) -> dict:
+  """a1*u + b1*v = c1 and a2*u + b2*v = c2 with a non-zero determinant (one solution)."""
+  u, v = rng.choice(UNKNOWN_PAIRS)
+  while True:
+    a1, b1, a2, b2 = (_nonzero(rng, 9) for _ in range(4))
+    if a1 * b2 - a2 * b1 != 0:
+      break
+  if integer:
+    u_value, v_value = Fraction(rng.randint(-12, 12)), Fraction(rng.randint(-12, 12))
+    c1, c2 = int(a1 * u_value + b1 * v_value), int(a2 * u_value + b2 * v_value)
+  else:
+    c1, c2 = rng.randint(-30, 30), rng.randint(-30, 30)
+    det = a1 * b2 - a2 * b1
+    u_value, v_value = Fraction(c1 * b2 - c2 * b1, det), Fraction(a1 * c2 - a2 * c1, det)
+  first, second = _linear_side([(a1, u), (b1, v)], 0), _linear_side([(a2, u), (b2, v)], 0)
+  question = f"Solve the system of equations for {u} and {v}: {first} = {c1} and {second} = {c2}."
+  answer = math_answers.normalize_answer(f"{u}={math_answers.format_number(u_value)}, "
+                                         f"{v}={math_answers.format_number(v_value)}")
+  return {"question": question, "answer": answer, "num_unknowns": 2}
+
+
+def linear_equation_examples(num_examples: int, seed: int) -> list[dict]:
+  """Distinct linear equations: by coin flips, one or two unknowns, integer or fractional solution."""
+  rng = random.Random(seed)
+  examples: dict[str, dict] = {}
+  while len(examples) < num_examples:
+    make = _one_unknown if rng.random() < 0.5 else _two_unknowns
+    example = make(rng, integer=rng.random() < 0.5)
+    examples.setdefault(example["question"], example)
+  return list(examples.values())
+
+
+class _GeneratedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """A builder whose one "test" split is generated in Python: nothing to download."""
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls):
+    # Only used to look for download checksums, which a generated set has none of. tfds's
+    # own lookup imports importlib_resources, which its Python >= 3.9 install doesn't pull in.
+    return None
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {"test": enumerate(self._examples())}
+
+  def _generate_examples(self):
+    yield from enumerate(self._examples())
+
+  def _examples(self) -> list[dict]:
+    raise NotImplementedError
+
+
+class Multiplication3(_GeneratedBuilder):
+  """Three-digit by three-digit multiplication with exact integer answers."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "500 distinct products, seed HELDOUT_SEED + 1."}
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description="Held-out 3-digit x 3-digit multiplication (generated, never trained on).",
+        features=tfds.features.FeaturesDict({
+            "question": tfds.features.Text(),
+            "answer": tfds.features.Text(),
+            "answer_digits": np.int32,
+        }),
+    )
+
+  def _examples(self) -> list[dict]:
+    return multiplication_examples(NUM_EXAMPLES, HELDOUT_SEED + 1)
+
+
+class LinearEquations(_GeneratedBuilder):
+  """Linear equations in one or two unknowns; answers canonical as math_answers.normalize_answer."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "500 distinct equations or systems, seed HELDOUT_SEED + 2."}
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description="Held-out linear equations with unique rational solutions (generated).",
+        features=tfds.features.FeaturesDict({
+            "question": tfds.features.Text(),
+            "answer": tfds.features.Text(),
+            "num_unknowns": np.int32,
+        }),
+    )
+
+  def _examples(self) -> list[dict]:
+    return linear_equation_examples(NUM_EXAMPLES, HELDOUT_SEED + 2)
+
+
+HELDOUT_SETS = {"multiplication3": Multiplication3, "linear_equations": LinearEquations}
+
+
+def default_data_dir() -> str:
+  """$SQLM_JAX_TFDS_DIR if set, else ~/.cache/sqlm_jax/tfds."""
+  return os.path.expanduser(os.environ.get(DATA_DIR_ENV, DEFAULT_DATA_DIR))
+
+
+def _plain(value):
+  """tfds returns text as bytes and numbers as numpy scalars; evaluation wants str and int."""
+  if isinstance(value, bytes):
+    return value.decode("utf-8")
+  return value.item() if isinstance(value, np.generic) else value
+
+
+def load_heldout(name: str, data_dir: Optional[str] = None, split: str = "test") -> list[dict]:
+  """All examples of a held-out set as dicts of str/int, preparing it first if needed.
+
+  Preparing takes well under a second and happens once per data_dir. Several processes
+  preparing the same data_dir at once may race, so on multi-host runs prepare on one host
+  first or give each host its own data_dir.
+  """
+  if name not in HELDOUT_SETS:
+    raise ValueError(f"unknown held-out set {name!r}; valid names are {', '.join(HELDOUT_SETS)}")
+  if split != "test":
+    raise ValueError(f"held-out sets only have a 'test' split, got split={split!r}")
+  data_dir = os.path.expanduser(os.fspath(data_dir)) if data_dir else default_data_dir()
+  source = tfds.data_source(name, split=split, data_dir=data_dir,
+                            builder_kwargs={"file_format": "array_record"})
+  return [{key: _plain(value) for key, value in source[i].items()} for i in range(len(source))]
