@@ -1,0 +1,186 @@
+"""Topic files: proposal parsing, ground truth on hand-worked questions, hostile input, get_task."""
+
+import time
+
+import pytest
+
+from sqlm_jax.tasks import algebra, arithmetic, generic, get_task
+from sqlm_jax.tasks.base import Proposal
+
+
+def _question(text):
+  return Proposal(question=text)
+
+
+# --- arithmetic --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("<question>What is 487 * 319?</question>", "What is 487 * 319?"),
+    ("Sure!\n<question>  583 - 207 + 96  </question>", "583 - 207 + 96"),
+    ("<question>old</question> <question>What is 12 + 3?</question>", "What is 12 + 3?"),
+])
+def test_arithmetic_parse_proposal(text, expected):
+  assert arithmetic.parse_proposal(text) == Proposal(question=expected)
+
+
+@pytest.mark.parametrize("text", [
+    "What is 487 * 319?",  # no tags
+    "<question>   </question>",
+    "<question>What is 2 + 2",  # never closed
+    "<question>What is 3 + 4 = 7</question>",  # gives the answer away
+    "<question>What is 3 + 4? <answer>7</answer></question>",
+    "<question>" + "1 + " * 200 + "1</question>",  # over-long
+])
+def test_arithmetic_unparseable_is_masked(text):
+  proposal = arithmetic.parse_proposal(text)
+  assert proposal.question is None and not proposal.valid
+
+
+@pytest.mark.parametrize("question, expected", [
+    ("What is 487 * 319?", "155353"),
+    ("Compute: (12 + 345) × 7 - 89.", "2410"),
+    ("487 x 319 = ?", "155353"),
+    ("$487 \\times 319$", "155353"),
+    ("What is 12 plus 34 times 2?", "80"),
+    ("Calculate 1,234 / 2", "617"),
+    ("What is 583 ÷ 11?", "53"),
+    ("What is 100 / 8?", "25/2"),
+    ("What is -5 - -3?", "-2"),
+    ("What is 0.1 + 0.2?", "3/10"),  # exact, not 0.30000000000000004
+    ("What is 2^10?", "1024"),
+    ("evaluate (7 - 2) * (3 + 4)", "35"),
+])
+def test_arithmetic_true_answer(question, expected):
+  assert arithmetic.true_answer(_question(question)) == expected
+
+
+@pytest.mark.parametrize("question", [
+    "Tom has 3 apples and buys 5 more. How many does he have?",  # word problem
+    "What is the square of 12 + 3?",  # prefix changes the meaning: not a bare expression
+    "What is 7 / 0?",
+    "What is 3(4 + 5)?",  # implicit product would be a call in Python
+    "What is 5 + ?",
+])
+def test_arithmetic_true_answer_none(question):
+  assert arithmetic.true_answer(_question(question)) is None
+  assert arithmetic.true_answer(Proposal(question=None)) is None
+
+
+@pytest.mark.parametrize("expression", [
+    "__import__('os')", "__import__('os').system('true')", "(1).__class__", "open('x')",
+    "2**999999", "9**9**9", "10**12**2", "[1]*10**9", "lambda: 1", "1 if 1 else 2",
+    "9" * 60 + " * 9", "-" * 150 + "1", "(" * 99 + "1" + ")" * 99 + " ** 100",
+])
+def test_safe_eval_rejects_unsafe(expression):
+  start = time.perf_counter()
+  assert arithmetic.safe_eval(expression) is None
+  assert time.perf_counter() - start < 0.1
+
+
+def test_safe_eval_allows_small_powers():
+  assert str(arithmetic.safe_eval("2 ** 12 - 1")) == "4095"
+
+
+def test_arithmetic_difficulty_is_longest_operand():
+  assert arithmetic.difficulty(_question("What is 487 * 31?")) == 3.0
+  assert arithmetic.difficulty(_question("What is 1,234 + 5?")) == 4.0
+  assert arithmetic.difficulty(_question("What is two plus two?")) is None
+
+
+def test_arithmetic_prompt_uses_topic():
+  (message,) = arithmetic.proposer_messages("Two-digit subtraction")
+  assert message["role"] == "user"
+  assert "Two-digit subtraction" in message["content"] and "<question>" in message["content"]
+  assert arithmetic.DEFAULT_TOPIC in arithmetic.proposer_messages("")[0]["content"]
+
+
+# --- algebra -----------------------------------------------------------------------------
+
+
+def test_algebra_selects_the_last_question():
+  text = ("1. Ann is twice as old as Bo...\n2. A train...\n"
+          "3. <question>Solve 3x + 2y = 12 and x - y = 1.</question>")
+  assert algebra.parse_proposal(text).question == "Solve 3x + 2y = 12 and x - y = 1."
+  marked = "1. first\n2. second\nSelected question: Solve 2x = 4\n\nSolution: x = 2"
+  assert algebra.parse_proposal(marked).question == "Solve 2x = 4"
+  assert algebra.parse_proposal("1. a\n2. b\n3. c").question is None
+
+
+@pytest.mark.parametrize("question, expected", [
+    ("Solve for x: 2x + 3 = 7.", "2"),
+    ("If 2(x + 1) = 3x - 4, find x.", "6"),
+    ("Solve 3x + 2y = 12 and x - y = 1.", "x=14/5,y=9/5"),
+    ("3x + 2y = 12, x - y = 1. What is x?", "14/5"),  # asks for one unknown only
+    ("Solve $\\frac{x}{3} + 1 = 2$.", "3"),
+    ("Solve 0.5x = 3", "6"),
+    ("The price p satisfies 5p − 3 = 2p + 9. What is p?", "4"),
+    ("Solve 4m - 2n = 7 and 2m + 3n = -1 for m and n.", "m=19/16,n=-9/8"),
+])
+def test_algebra_true_answer(question, expected):
+  assert algebra.true_answer(_question(question)) == expected
+
+
+@pytest.mark.parametrize("question", [
+    "Solve x + y = 2 and 2x + 2y = 4.",  # infinitely many solutions
+    "Solve x + y = 2 and x + y = 3.",  # no solution
+    "Solve 2x = 2x + 1.",  # no solution, one unknown
+    "Solve 3x + 2y = 12.",  # one equation, two unknowns
+    "Solve x^2 = 4.",  # not linear
+    "Solve x*y = 4 and x = 1.",  # not linear
+    "Solve 2xy = 4 and x = 1.",  # "xy" is prose to the tokenizer: the equation is cut
+    "Let x = number of apples. Find x.",
+    "x > 3 and x = 2",
+    "Sam has twice as many apples as Kim; together they have 12. How many does Kim have?",
+    "Solve __import__('os').system('true') = 1 for x",
+    "Solve x + lambda = 1",
+    "Solve x = 1, y = 2, z = 3, w = 4.",  # more unknowns than the bound
+])
+def test_algebra_true_answer_none(question):
+  assert algebra.true_answer(_question(question)) is None
+
+
+@pytest.mark.parametrize("equations", [
+    ["__import__('os') = 1"], ["x.__class__ = 1"], ["exec(x) = 1"], ["x_1 = 1"],
+    ["importx = 1"], ["(" * 200 + "x" + ")" * 200 + " = 1"],
+])
+def test_solve_linear_rejects_unsafe(equations):
+  assert algebra.solve_linear(equations) is None
+
+
+def test_algebra_difficulty_is_number_of_unknowns():
+  assert algebra.difficulty(_question("Solve 2x + 3 = 7")) == 1.0
+  assert algebra.difficulty(_question("Solve 3x + 2y = 12 and x - y = 1")) == 2.0
+  assert algebra.difficulty(_question("No equations here.")) is None
+
+
+# --- generic and get_task ----------------------------------------------------------------
+
+
+def test_generic_task_uses_its_topic():
+  task = generic.make_task("Probability puzzles")
+  assert task.default_topic == "Probability puzzles"
+  assert "Probability puzzles" in task.proposer_messages("")[0]["content"]
+  assert "Dice" in task.proposer_messages("Dice")[0]["content"]
+  assert task.parse_proposal("<question>Roll two dice...</question>").question == "Roll two dice..."
+  assert task.parse_proposal("Roll two dice").question is None
+  assert task.extract_answer("<answer>0.25</answer>") == "1/4"
+  assert task.true_answer(Proposal(question="anything")) is None
+  with pytest.raises(ValueError, match="topic"):
+    generic.make_task("  ")
+
+
+@pytest.mark.parametrize("name", ["arithmetic", "algebra", "generic"])
+def test_get_task(name):
+  task = get_task(name)
+  assert task.name == name and task.reward_kind == "vote"
+  proposal = task.parse_proposal("<question>What is 2 + 2?</question>")
+  messages = task.solver_messages(proposal)
+  assert messages[-1]["role"] == "user" and "What is 2 + 2?" in messages[-1]["content"]
+  assert task.extract_answer("<think>2+2</think><answer>4</answer>") == "4"
+  assert task.extract_answer("four") is None
+
+
+def test_get_task_unknown_name_lists_valid_ones():
+  with pytest.raises(ValueError, match="arithmetic, algebra, generic, coding"):
+    get_task("geometry")
