@@ -11,9 +11,14 @@ right-padded), as a dict of arrays:
   sample_weight   float [B]        0 removes a sequence exactly (malformed proposal, padding)
   ref_logprobs    float [B, T]     optional; frozen reference log-probs, needed if kl_coef > 0
 
-All masks are indexed by the TARGET token: logits at t - 1 predict tokens[:, t], and the shift
-happens in `token_logprobs`. The model is any `apply_fn(params, tokens, positions,
-attention_mask) -> logits [B, T, V]`.
+All masks are indexed by the TARGET token: logits at t - 1 predict tokens[:, t], and the
+shift happens in `token_logprobs`. A sample_weight other than 0 / 1 weighs a sequence inside
+a weighted mean (the loss divides by the summed weights, see `loss_normaliser`). The model is
+any `apply_fn(params, tokens, positions, attention_mask) -> logits [B, T, V]`.
+
+Padding rows (sample_weight 0) contribute exactly zero gradient as long as the model's
+output for them is finite: pad with copies of a real row, not with all-masked rows, which
+can make attention softmax NaN (and 0 * NaN is NaN in the backward pass).
 """
 
 from __future__ import annotations
@@ -236,6 +241,9 @@ def loss_normaliser(loss_mask, sample_weight, loss_agg):
   return jnp.where(total > 0, total, 1.0)  # an all-masked batch has loss 0, not NaN
 
 
+_MAX_LOG_RATIO = 20.0
+
+
 def _policy_sums(logprobs, old_logprobs, advantages, loss_mask, sample_weight, cfg,
                  ref_logprobs=None, entropy=None):
   """Un-normalised objective (the loss times `loss_normaliser`) and metric sums."""
@@ -253,8 +261,10 @@ def _policy_sums(logprobs, old_logprobs, advantages, loss_mask, sample_weight, c
   scored = weight != 0  # [B, T]
   live = sample_weight != 0  # [B]
   # `where` before exp/log: an unscored token's log-ratio can be anything (even inf), and
-  # must not leak NaN into the gradient through 0 * inf.
+  # must not leak NaN into the gradient through 0 * inf. The clamp keeps exp finite for a
+  # scored token whose sampling log-prob is garbage; real log-ratios are a few units at most.
   log_ratio = jnp.where(scored, logprobs - old_logprobs, 0.0)  # [B, T]
+  log_ratio = jnp.clip(log_ratio, -_MAX_LOG_RATIO, _MAX_LOG_RATIO)
   ratio = jnp.exp(log_ratio)
   adv = jnp.where(live, advantages, 0.0).astype(jnp.float32)[:, None]  # [B, 1]
   clipped = jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high)

@@ -324,10 +324,9 @@ def test_logprob_fn_matches_direct_and_order():
   params = toy_params()
   cfg = _cfg(temperature=0.7)
   batch = toy_batch(params, cfg)
-  direct, _ = rl.token_logprobs(
-      toy_apply(params, jnp.asarray(batch["tokens"]),
-                rl.positions_from_mask(batch["attention_mask"]), jnp.asarray(batch["attention_mask"])),
-      jnp.asarray(batch["tokens"]), 0.7)
+  tokens, mask = jnp.asarray(batch["tokens"]), jnp.asarray(batch["attention_mask"])
+  logits = toy_apply(params, tokens, rl.positions_from_mask(mask), mask)
+  direct, _ = rl.token_logprobs(logits, tokens, 0.7)
   micro = rl.make_logprob_fn(toy_apply, 0.7, 2)(params, batch["tokens"], batch["attention_mask"])
   np.testing.assert_allclose(micro, direct, rtol=1e-6, atol=1e-6)
 
@@ -358,3 +357,13 @@ def test_missing_config_field_names_it():
   with pytest.raises(AttributeError, match="no field 'clip_eps_low'.*default_config"):
     rl.policy_loss(jnp.zeros((1, 2)), jnp.zeros((1, 2)), jnp.ones(1), jnp.ones((1, 2)),
                    jnp.ones(1), cfg)
+
+
+@pytest.mark.parametrize("adv", [1.0, -1.0])
+def test_garbage_sampling_logprob_stays_finite(adv):
+  # A scored token whose recorded sampling log-prob is -inf: the ratio is clamped, not inf.
+  def loss(lp):
+    return rl.policy_loss(lp, jnp.array([[0.0, -jnp.inf]]), jnp.array([adv]),
+                          jnp.array([[0.0, 1.0]]), jnp.ones(1), _cfg())[0]
+  lp = jnp.array([[0.0, -1.0]])
+  assert np.isfinite(loss(lp)) and np.all(np.isfinite(jax.grad(loss)(lp)))
