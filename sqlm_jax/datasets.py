@@ -100,7 +100,7 @@ def _two_unknowns(rng: random.Random, integer: bool) -> dict:
 
 
 def linear_equation_examples(num_examples: int, seed: int) -> list[dict]:
-  """Distinct linear equations: by coin flips, one or two unknowns, integer or fractional solution."""
+  """Distinct linear equations; coin flips pick one or two unknowns and an integer or not."""
   rng = random.Random(seed)
   examples: dict[str, dict] = {}
   while len(examples) < num_examples:

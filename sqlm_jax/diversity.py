@@ -16,7 +16,7 @@ def normalize_text(text: str) -> str:
 
 
 def distinct_n(texts: Sequence[str], n: int = 2) -> float:
-  """Distinct n-grams / all n-grams over the whitespace tokens of all texts; 0.0 if there are none."""
+  """Distinct n-grams / all n-grams, over whitespace tokens of all texts; 0.0 if there are none."""
   if n < 1:
     raise ValueError(f"n must be a positive n-gram length, got {n}")
   ngrams = [tuple(tokens[i:i + n])

@@ -15,7 +15,9 @@ from sqlm_jax.tasks.base import Proposal
 def prepared(tmp_path_factory):
   """Both sets prepared twice, into two separate directories."""
   dirs = [tmp_path_factory.mktemp("tfds_a"), tmp_path_factory.mktemp("tfds_b")]
-  return {name: [datasets.load_heldout(name, str(d)) for d in dirs] for name in datasets.HELDOUT_SETS}, dirs
+  sets = {name: [datasets.load_heldout(name, str(d)) for d in dirs]
+          for name in datasets.HELDOUT_SETS}
+  return sets, dirs
 
 
 @pytest.mark.parametrize("name", sorted(datasets.HELDOUT_SETS))

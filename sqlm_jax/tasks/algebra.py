@@ -176,7 +176,8 @@ def _linear_system(equations: list[str]):
 
 
 def solve_linear(equations: list[str]) -> Optional[dict[str, Fraction]]:
-  """The unique rational solution {"x": 2, "y": 1/3}; None if none, infinitely many or unparseable."""
+  """The unique rational solution, {"x": 2, "y": 1/3}; None if none, infinitely many or unparseable.
+  """
   system = _linear_system(equations)
   if system is None:
     return None
@@ -187,7 +188,8 @@ def solve_linear(equations: list[str]) -> Optional[dict[str, Fraction]]:
   (values,) = solutions
   if any(not isinstance(value, sympy.Rational) for value in values):
     return None  # a free parameter remains: infinitely many solutions
-  return {str(symbol): Fraction(int(value.p), int(value.q)) for symbol, value in zip(symbols, values)}
+  return {str(symbol): Fraction(int(value.p), int(value.q))
+          for symbol, value in zip(symbols, values)}
 
 
 # "What is x?", "find the value of y", "solve for x": the question wants one unknown only.

@@ -43,7 +43,7 @@ _GIVES_ANSWER = re.compile(r"=\s*[-+]?\d[\d,./]*\s*[.?!]?\s*$")
 
 
 def parse_proposal(text: str) -> Proposal:
-  """The question inside the last <question> tags; question None if missing, too long or answered."""
+  """The question in the last <question> tags; question None if missing, too long or answered."""
   question = math_answers.last_tagged(text, "question")
   if question is None or len(question) > MAX_QUESTION_CHARS:
     return Proposal(question=None)

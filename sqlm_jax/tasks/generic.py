@@ -25,7 +25,7 @@ def proposer_messages(topic: str) -> list[dict]:
 
 
 def parse_proposal(text: str) -> Proposal:
-  """The question inside the last <question> tags; question None if missing, too long or answered."""
+  """The question in the last <question> tags; question None if missing, too long or answered."""
   question = math_answers.last_tagged(text, "question")
   if question is None or len(question) > MAX_QUESTION_CHARS or "<answer>" in question.lower():
     return Proposal(question=None)
@@ -37,7 +37,7 @@ def solver_messages(proposal: Proposal) -> list[dict]:
 
 
 def make_task(topic: str = DEFAULT_TOPIC) -> Task:
-  """A vote-rewarded task for `topic`; the topic text is also what proposer_messages gets by default."""
+  """A vote-rewarded task for `topic`, which proposer_messages also uses when given no topic."""
   if not topic.strip():
     raise ValueError(f"topic must be non-empty text, got {topic!r}; pass e.g. {DEFAULT_TOPIC!r}")
   return Task(

@@ -33,7 +33,7 @@ def solver_messages(question: str) -> list[dict]:
 
 
 def last_tagged(text: str, tag: str) -> Optional[str]:
-  """Stripped content of the last closed <tag>...</tag> in `text`; None if there is none or it is empty.
+  """Stripped content of the last closed <tag>...</tag> in `text`; None if absent or empty.
 
   A tag left open (generation cut off by the length limit) does not count: its content may be
   a truncated number that would vote as if it were an answer.
