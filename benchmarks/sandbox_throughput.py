@@ -1,0 +1,71 @@
+"""Programs per second through SandboxPool, against plain unsandboxed subprocesses.
+
+  python benchmarks/sandbox_throughput.py [--programs 200] [--workers N]
+
+(a) a trivial program run once; (b) a typical solution (sum a line of integers) run against 5
+tests, as the coding topic does. The plain baseline starts the same interpreter with the same
+flags and the same number of threads, without bubblewrap, rlimits or the uid drop, so the ratio
+is the sandbox's own cost.
+"""
+
+import argparse
+import concurrent.futures
+import os
+import platform
+import subprocess
+import time
+
+from sqlm_jax import sandbox
+
+TRIVIAL = "print('ok')\n"
+SOLUTION = "import sys\nprint(sum(map(int, sys.stdin.readline().split())))\n"
+TESTS = [(" ".join(str(i * j) for j in range(1, 6)) + "\n", str(15 * i)) for i in range(5)]
+
+
+def plain_run(job):
+  program, stdin, expected = job
+  out = subprocess.run([sandbox.PYTHON, "-I", "-S", "-c", program], input=stdin.encode(),
+                       capture_output=True, timeout=10).stdout.decode()
+  return expected is None or sandbox.outputs_match(out, expected)
+
+
+def timed(fn, jobs):
+  start = time.perf_counter()
+  ok = fn(jobs)
+  return time.perf_counter() - start, ok
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--programs", type=int, default=200)
+  parser.add_argument("--workers", type=int, default=None, help="default: os.cpu_count()")
+  args = parser.parse_args()
+  workers = args.workers or os.cpu_count()
+  cases = {
+      "trivial program, 1 run each": [(TRIVIAL, "", "ok")] * args.programs,
+      "sum-of-integers solution, 5 tests each": [(SOLUTION, i, o) for _ in range(args.programs)
+                                                 for i, o in TESTS],
+  }
+  print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs; workers={workers}; "
+        f"programs={args.programs}; bwrap={sandbox.BWRAP_PATH}")
+  with sandbox.SandboxPool(workers) as pool, \
+      concurrent.futures.ThreadPoolExecutor(workers) as plain_pool:
+    pool.run(cases["trivial program, 1 run each"][:workers * 2])  # warm-up
+    for name, jobs in cases.items():
+      runs_per_program = len(jobs) // args.programs
+      t_box, ok_box = timed(lambda j: all(r.passed for r in pool.run(j)), jobs)
+      t_plain, ok_plain = timed(lambda j: all(plain_run_ok for plain_run_ok in
+                                              plain_pool.map(plain_run, j)), jobs)
+      assert ok_box and ok_plain, f"{name}: some run did not pass"
+      print(f"{name}:")
+      print(f"  sandboxed: {args.programs / t_box:7.1f} programs/s "
+            f"({len(jobs) / t_box:6.1f} runs/s, {1000 * t_box / len(jobs) * workers:5.1f} ms/run "
+            f"per worker)")
+      print(f"  plain:     {args.programs / t_plain:7.1f} programs/s "
+            f"({len(jobs) / t_plain:6.1f} runs/s)")
+      print(f"  overhead:  sandboxed takes {t_box / t_plain:.2f}x the plain time "
+            f"({runs_per_program} run(s) per program)")
+
+
+if __name__ == "__main__":
+  main()
