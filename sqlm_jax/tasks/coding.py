@@ -1,0 +1,172 @@
+"""Coding topic: the proposer writes an easy stdin/stdout problem plus its unit tests.
+
+Input is one line of integers, so a test is one line: `INPUT ||| OUTPUT`. There is no ground
+truth; the solver's reward is the fraction of the proposer's tests its program passes in the
+sandbox (`pass_matrix`), and the proposer's reward comes from how that rate spreads.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Optional, Sequence
+
+import numpy as np
+
+from sqlm_jax.tasks.base import Proposal, Task
+
+DEFAULT_TOPIC = "Easy coding problems whose input is a single line of integers"
+NUM_TESTS = 5
+MAX_QUESTION_CHARS = 3000
+MAX_TEST_CHARS = 300  # per side of a test line; long tests are more likely made up than computed
+
+PROPOSER_PROMPT = """Topic: {topic}
+
+Invent one new programming problem on this topic, about as hard as an easy LeetCode problem. \
+The program reads its whole input from standard input: a single line of integers separated by \
+spaces. It prints its answer to standard output. State the problem completely, including what \
+the input means and exactly what to print.
+
+Then give exactly {num_tests} test cases, one per line, each written as the input line, then \
+|||, then the exact expected output. Work every expected output out carefully. Do not write a \
+solution.
+
+Use this format:
+Problem: <problem statement>
+Test Cases:
+3 1 2 ||| 6
+<four more test lines>"""
+
+SOLVER_PROMPT = """Solve this programming problem in Python 3. Your program must read the input \
+from standard input and print the answer to standard output, nothing else.
+
+{question}
+
+Reply with the complete program in a single ```python code block."""
+
+
+def proposer_messages(topic: str) -> list[dict]:
+  prompt = PROPOSER_PROMPT.format(topic=topic or DEFAULT_TOPIC, num_tests=NUM_TESTS)
+  return [{"role": "user", "content": prompt}]
+
+
+# "Test Cases:" possibly in markdown ("**Test cases:**", "### Test Cases").
+_HEADER = re.compile(r"^[#*_\s]*test\s*cases?[*_\s]*:?[*_\s]*$", re.IGNORECASE | re.MULTILINE)
+_PROBLEM_LABEL = re.compile(r"^[#*_\s]*problem(?:\s+statement)?[*_\s]*:[*_\s]*", re.IGNORECASE)
+_LIST_MARKER = re.compile(r"^(?:[-*]|\d+[.)])\s+")  # "- 1 2 ||| 3", "1. 1 2 ||| 3"
+_INTEGERS = re.compile(r"[-+]?\d+(?:\s+[-+]?\d+)*")
+
+
+def parse_proposal(text: str) -> Proposal:
+  """Problem statement and tests; question None unless there are exactly NUM_TESTS valid tests.
+
+  The tests are the test lines right after the last "Test Cases:" header (fence lines skipped);
+  a line that is not `INTEGERS ||| OUTPUT` ends them.
+  """
+  headers = list(_HEADER.finditer(text))
+  if not headers:
+    return Proposal(question=None)
+  question = _PROBLEM_LABEL.sub("", text[:headers[-1].start()].strip(), count=1).strip()
+  if not question or len(question) > MAX_QUESTION_CHARS:
+    return Proposal(question=None)
+  tests = []
+  for line in text[headers[-1].end():].splitlines():
+    line = _LIST_MARKER.sub("", line.strip().strip("`").strip())
+    if not line:
+      continue
+    test = _parse_test(line)
+    if test is None:
+      break
+    tests.append(test)
+  if len(tests) != NUM_TESTS:
+    return Proposal(question=None)
+  return Proposal(question=question, tests=tuple(tests))
+
+
+def _parse_test(line: str) -> Optional[tuple[str, str]]:
+  """(stdin, expected stdout) from `1 2 3 ||| 6`; None unless the input is a line of integers."""
+  parts = line.split("|||")
+  if len(parts) != 2:
+    return None
+  given, expected = (" ".join(part.split()) for part in parts)
+  if not _INTEGERS.fullmatch(given) or not expected:
+    return None
+  if len(given) > MAX_TEST_CHARS or len(expected) > MAX_TEST_CHARS:
+    return None
+  return given + "\n", expected
+
+
+def solver_messages(proposal: Proposal) -> list[dict]:
+  return [{"role": "user", "content": SOLVER_PROMPT.format(question=proposal.question)}]
+
+
+# An opening fence naming Python, the body, and a closing fence on its own line.
+_PYTHON_BLOCK = re.compile(r"^[ \t]*```[ \t]*(?:python3?|py)[ \t]*\n(.*?)^[ \t]*```",
+                           re.IGNORECASE | re.DOTALL | re.MULTILINE)
+
+
+def extract_answer(completion: str) -> Optional[str]:
+  """The program in the last closed ```python block; None if there is none or it is empty.
+
+  An unclosed block (generation cut off by the length limit) does not count: it is a truncated
+  program.
+  """
+  blocks = _PYTHON_BLOCK.findall(completion)
+  if not blocks or not blocks[-1].strip():
+    return None
+  return blocks[-1].strip("\n") + "\n"
+
+
+def pass_matrix(proposals: Sequence[Proposal], programs: Sequence[Sequence[Optional[str]]],
+                pool, num_tests: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+  """Runs every program against every test of its question in the sandbox pool.
+
+  proposals: [Q] parsed proposals; invalid ones get no runs.
+  programs: [Q][N] extracted programs; None (no program) gets no runs.
+  pool: a sandbox.SandboxPool.
+  num_tests: T, the padded test count (fixed shapes across steps); default max over proposals.
+  Returns passes [Q, N, T] float32 (1.0 = that test passed; 0 for padding, invalid proposals and
+  missing programs) and test_mask [Q, T] bool (True = a real test). An answer's pass rate is
+  passes.sum(-1) / test_mask.sum(-1)[:, None].
+  """
+  if len(programs) != len(proposals):
+    raise ValueError(f"pass_matrix got {len(proposals)} proposals but programs for "
+                     f"{len(programs)} questions; pass one list of N programs per proposal.")
+  most = max((len(p.tests) for p in proposals if p.valid), default=0)
+  if num_tests is None:
+    num_tests = max(most, 1)
+  elif most > num_tests:
+    raise ValueError(f"a proposal has {most} tests but num_tests={num_tests}; raise num_tests "
+                     f"to at least {most} or leave it None.")
+  num_answers = max((len(row) for row in programs), default=0)
+  passes = np.zeros((len(proposals), num_answers, num_tests), np.float32)
+  test_mask = np.zeros((len(proposals), num_tests), bool)
+
+  # Identical samples are common (low temperature, short programs): run each distinct
+  # (program, test) once.
+  job_index: dict[tuple[str, str, str], int] = {}
+  cells = []  # (q, n, t, job)
+  for q, (proposal, row) in enumerate(zip(proposals, programs)):
+    if not proposal.valid:
+      continue
+    test_mask[q, :len(proposal.tests)] = True
+    for n, program in enumerate(row):
+      if program is None:
+        continue
+      for t, (stdin, expected) in enumerate(proposal.tests):
+        job = (program, stdin, expected)
+        cells.append((q, n, t, job_index.setdefault(job, len(job_index))))
+  results = pool.run(list(job_index)) if job_index else []
+  for q, n, t, job in cells:
+    passes[q, n, t] = float(results[job].passed)
+  return passes, test_mask
+
+
+TASK = Task(
+    name="coding",
+    reward_kind="tests",
+    proposer_messages=proposer_messages,
+    parse_proposal=parse_proposal,
+    solver_messages=solver_messages,
+    extract_answer=extract_answer,
+    default_topic=DEFAULT_TOPIC,
+)

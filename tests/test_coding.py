@@ -1,0 +1,153 @@
+"""Coding topic: parsing proposals and programs, and pass matrices run in the real sandbox."""
+
+import numpy as np
+import pytest
+
+from sqlm_jax import sandbox
+from sqlm_jax.tasks import coding
+from sqlm_jax.tasks.base import Proposal
+
+SUM_PROPOSAL = """Problem: Given a line of integers, print their sum.
+Test Cases:
+1 2 3 ||| 6
+-1 1 ||| 0
+5 ||| 5
+10 20 30 40 ||| 100
+0 0 ||| 0
+"""
+SUM_TESTS = (("1 2 3\n", "6"), ("-1 1\n", "0"), ("5\n", "5"), ("10 20 30 40\n", "100"),
+             ("0 0\n", "0"))
+
+# Markdown header, a fence, numbered lines, extra spaces, and prose after the tests.
+MAX_PROPOSAL = """Here is a problem.
+
+Problem statement: Print the largest of the given integers.
+
+**Test Cases:**
+```
+1.  3 9 2 |||  9
+2. -5 -2 ||| -2
+3. 7 ||| 7
+4. 1 1 1 ||| 1
+5. 4 8 ||| 8
+```
+These cover negative numbers and repeats.
+"""
+MAX_TESTS = (("3 9 2\n", "9"), ("-5 -2\n", "-2"), ("7\n", "7"), ("1 1 1\n", "1"),
+             ("4 8\n", "8"))
+
+SUM = "import sys\nprint(sum(map(int, sys.stdin.read().split())))\n"
+MAX = "print(max(map(int, input().split())))\n"
+CRASH = "1 / 0\n"
+
+
+def test_good_proposals_parse_exactly():
+  proposal = coding.parse_proposal(SUM_PROPOSAL)
+  assert proposal == Proposal("Given a line of integers, print their sum.", SUM_TESTS)
+  proposal = coding.parse_proposal(MAX_PROPOSAL)
+  # Only a leading "Problem:" label is removed; text before it stays part of the question.
+  assert proposal.question == ("Here is a problem.\n\n"
+                               "Problem statement: Print the largest of the given integers.")
+  assert proposal.tests == MAX_TESTS
+
+
+@pytest.mark.parametrize("text", [
+    SUM_PROPOSAL.replace("Test Cases:", "Examples:"),  # no header
+    SUM_PROPOSAL.replace("-1 1 ||| 0", "-1 1 -> 0"),  # a line that is not a test
+    SUM_PROPOSAL.replace("5 ||| 5", "five ||| 5"),  # input not integers
+    SUM_PROPOSAL.replace("0 0 ||| 0", "0 0 ||| "),  # no expected output
+    SUM_PROPOSAL.replace("5 ||| 5", "5 ||| 5 ||| 5"),  # two separators
+    SUM_PROPOSAL.replace("0 0 ||| 0\n", ""),  # four tests
+    SUM_PROPOSAL + "7 7 ||| 14\n",  # six tests
+    SUM_PROPOSAL.replace("Problem: Given a line of integers, print their sum.", "Problem:"),
+    "",
+])
+def test_malformed_proposals_are_invalid(text):
+  assert coding.parse_proposal(text) == Proposal(question=None)
+
+
+def test_extract_answer_takes_the_last_closed_python_block():
+  assert coding.extract_answer(f"Idea first.\n```python\n{SUM}```\nDone.") == SUM
+  two = f"```python\nprint(0)\n```\nBetter:\n```py\n{MAX}```"
+  assert coding.extract_answer(two) == MAX
+  assert coding.extract_answer(SUM) is None  # no fence
+  assert coding.extract_answer(f"```\n{SUM}```") is None  # fence without python
+  assert coding.extract_answer(f"```python\n{SUM}") is None  # cut off before the closing fence
+  assert coding.extract_answer("```python\n\n```") is None
+
+
+def test_solver_messages_carry_the_question_not_the_tests():
+  proposal = coding.parse_proposal(SUM_PROPOSAL)
+  (message,) = coding.solver_messages(proposal)
+  assert proposal.question in message["content"] and "|||" not in message["content"]
+  assert "```python" in message["content"]
+  assert "|||" in coding.proposer_messages("")[0]["content"]
+  assert coding.TASK.reward_kind == "tests" and coding.TASK.name == "coding"
+
+
+class RecordingPool:
+  """Judges jobs by pattern instead of running them, and records what it was asked to run."""
+
+  def __init__(self):
+    self.jobs = []
+
+  def run(self, jobs):
+    self.jobs += jobs
+    results = []
+    for program, stdin, expected in jobs:
+      numbers = list(map(int, stdin.split()))
+      value = {SUM: sum(numbers), MAX: max(numbers)}.get(program)
+      status = "crashed" if value is None else ("passed" if str(value) == expected else "failed")
+      results.append(sandbox.RunResult(status, 0, "", "", 0.0))
+    return results
+
+
+def test_pass_matrix_bookkeeping_padding_and_deduplication():
+  proposals = [coding.parse_proposal(SUM_PROPOSAL), Proposal(None),
+               Proposal("two tests", (("1 2\n", "3"), ("4\n", "4")))]
+  programs = [[SUM, MAX, SUM, None], [SUM, SUM, SUM, SUM], [MAX, CRASH]]
+  pool = RecordingPool()
+  passes, mask = coding.pass_matrix(proposals, programs, pool, num_tests=6)
+  assert passes.shape == (3, 4, 6) and passes.dtype == np.float32
+  expected = np.zeros((3, 4, 6), np.float32)
+  expected[0, 0, :5] = expected[0, 2, :5] = 1
+  expected[0, 1, :5] = [0, 0, 1, 0, 1]  # max agrees with the sum only on "5" and "0 0"
+  expected[2, 0, :2] = [0, 1]
+  np.testing.assert_array_equal(passes, expected)
+  np.testing.assert_array_equal(mask, [[1] * 5 + [0], [0] * 6, [1, 1, 0, 0, 0, 0]])
+  # The duplicate SUM for question 0 runs once; the invalid proposal and None run nothing.
+  assert len(pool.jobs) == 5 + 5 + 2 + 2
+
+
+def test_pass_matrix_default_width_and_errors():
+  proposals = [Proposal("q", (("1\n", "1"),) * 3), Proposal(None)]
+  passes, mask = coding.pass_matrix(proposals, [[SUM], [SUM]], RecordingPool())
+  assert passes.shape == (2, 1, 3) and mask.tolist() == [[True] * 3, [False] * 3]
+  passes, mask = coding.pass_matrix([Proposal(None)], [[None]], RecordingPool())
+  assert passes.shape == (1, 1, 1) and not mask.any()
+  with pytest.raises(ValueError, match="num_tests=2"):
+    coding.pass_matrix(proposals, [[SUM], [SUM]], RecordingPool(), num_tests=2)
+  with pytest.raises(ValueError, match="1 questions"):
+    coding.pass_matrix(proposals, [[SUM]], RecordingPool())
+
+
+@pytest.mark.skipif(sandbox._bwrap_problem(sandbox.BWRAP_PATH) is not None,
+                    reason="bubblewrap missing: apt-get install bubblewrap")
+def test_pass_matrix_in_the_sandbox_from_completions():
+  proposals = [coding.TASK.parse_proposal(SUM_PROPOSAL), coding.TASK.parse_proposal(MAX_PROPOSAL),
+               coding.TASK.parse_proposal("Problem: no tests here")]
+  completions = [
+      [f"```python\n{SUM}```", f"```python\n{MAX}```", f"```python\n{CRASH}```", SUM],
+      [f"```python\n{MAX}```", f"```python\n{SUM}```", "no code", f"```python\n{MAX}```"],
+      [f"```python\n{SUM}```"] * 4,
+  ]
+  programs = [[coding.TASK.extract_answer(c) for c in row] for row in completions]
+  with sandbox.SandboxPool(limits=sandbox.Limits(timeout_s=3)) as pool:
+    passes, mask = coding.pass_matrix(proposals, programs, pool)
+  expected = np.zeros((3, 4, 5), np.float32)
+  expected[0, 0] = 1
+  expected[0, 1] = [0, 0, 1, 0, 1]
+  expected[1, 0] = expected[1, 3] = 1
+  expected[1, 1] = [0, 0, 1, 0, 0]  # sum agrees with max only on "7"
+  np.testing.assert_array_equal(passes, expected)
+  np.testing.assert_array_equal(mask, [[True] * 5, [True] * 5, [False] * 5])
