@@ -3,10 +3,12 @@
 With bubblewrap (`apt-get install bubblewrap`) every run gets:
 - its own mount, PID, network, IPC and UTS namespaces: an empty root holding only /usr (and the
   interpreter's standard library) read-only, a private /proc, a minimal /dev, and a fresh
-  size-limited tmpfs /tmp as its working directory. Host files (the project, /root, /etc,
-  /work) are not there to read or write; the network namespace has no route out.
-- a fresh unprivileged uid (root only sets up the namespaces), no capabilities, no_new_privs,
-  a scrubbed environment, and a seccomp filter that refuses new user namespaces.
+  size-limited tmpfs /tmp as its working directory. Host files (the project, /root, /etc)
+  are not there to read or write; the network namespace has no route out.
+- an unprivileged uid with no capabilities, no_new_privs and a scrubbed environment. Started
+  as root, bwrap only builds the namespaces and each run drops to a fresh uid of its own, with a
+  seccomp filter that refuses new user namespaces; started as another user, the run keeps that
+  uid inside a user namespace that may not create further ones.
 - rlimits on CPU time, address space, processes, file size and core dumps, a wall-clock
   timeout and an output cap; when any is hit the whole PID namespace is killed, so even a
   daemonised grandchild dies with it.

@@ -203,7 +203,8 @@ def test_daemonised_grandchild_dies_with_the_run(weak):
           devnull = os.open("/dev/null", os.O_RDWR)
           for fd in (0, 1, 2):
             os.dup2(devnull, fd)
-          os.execv(sys.executable, [sys.executable, "-c", "import time; time.sleep(60)", "{marker}"])
+          sleep = "import time; time.sleep(60)"
+          os.execv(sys.executable, [sys.executable, "-c", sleep, "{marker}"])
         os._exit(0)
       time.sleep(0.8)
       print("parent exits")
@@ -255,7 +256,7 @@ def test_cannot_write_outside_the_sandbox(tmp_path):
 
 def test_cannot_read_host_files():
   secret_paths = [str(REPO / "setup.py"), str(REPO), "/etc/shadow", "/etc/passwd", "/work",
-                  "/root/.bashrc", "/proc/1/environ", sandbox.os.path.realpath(sys.prefix)]
+                  "/root/.bashrc", "/proc/1/environ", os.path.realpath(sys.prefix)]
   result = run(f"""
       import os
       for path in {secret_paths!r}:
