@@ -234,6 +234,7 @@ TASK = Task(
     parse_proposal=parse_proposal,
     solver_messages=solver_messages,
     extract_answer=math_answers.canonical_answer,
+    canonical_answer=math_answers.normalize_answer,
     true_answer=true_answer,
     difficulty=difficulty,
     default_topic=DEFAULT_TOPIC,

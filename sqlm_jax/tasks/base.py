@@ -40,4 +40,6 @@ class Task:
   true_answer: Callable[[Proposal], Optional[str]] = lambda proposal: None
   # A number describing how hard a proposal is (e.g. operand digits), for the curriculum plot.
   difficulty: Callable[[Proposal], Optional[float]] = lambda proposal: None
+  # A ground-truth answer (held-out sets) -> the canonical form extract_answer produces.
+  canonical_answer: Optional[Callable[[str], Optional[str]]] = None
   default_topic: str = ""

@@ -47,5 +47,6 @@ def make_task(topic: str = DEFAULT_TOPIC) -> Task:
       parse_proposal=parse_proposal,
       solver_messages=solver_messages,
       extract_answer=math_answers.canonical_answer,
+      canonical_answer=math_answers.normalize_answer,
       default_topic=topic,
   )

@@ -1,0 +1,81 @@
+"""The full set of self-play knobs, with defaults; every file in configs/ starts from `base_config`.
+
+Each field is overridable from the command line, e.g. `--config.rl.learning_rate=3e-6`.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from sqlm_jax import rl
+
+REQUIRED = "__required__"  # Placeholder for fields the user must set (checked before any compile).
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # Every step's randomness is derived from (seed, step).
+  c.total_steps = 100
+
+  c.model = ml_collections.ConfigDict()
+  c.model.path = REQUIRED  # Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer).
+  c.model.dtype = "bfloat16"  # Compute dtype of matmuls (norms and softmax stay float32).
+  c.model.param_dtype = "float32"  # Stored/updated parameter dtype.
+  c.model.remat = False  # Recompute layer activations in the backward pass to save memory.
+  # Proposer and solver share one parameter pytree (the reference code) or train two copies.
+  c.shared_weights = False
+
+  c.task = ml_collections.ConfigDict()
+  c.task.name = "arithmetic"  # arithmetic | algebra | generic | coding | tiny_addition
+  c.task.topic = ""  # Topic text for the proposer prompt; "" = the task's default topic.
+
+  c.rollout = ml_collections.ConfigDict()
+  c.rollout.prompts_per_step = 64  # Topic prompts per step (each one a proposer group).
+  c.rollout.proposals_per_prompt = 4  # Proposals sampled per topic prompt.
+  c.rollout.answers_per_question = 4  # N: solver answers per question (the vote's size).
+  c.rollout.max_proposal_tokens = 1024
+  c.rollout.max_answer_tokens = 1024
+  c.rollout.proposer_temperature = 1.0
+  c.rollout.solver_temperature = 1.0
+  c.rollout.top_p = 1.0  # Nucleus filter for both roles (1.0 = off).
+  c.rollout.top_k = 0  # Top-k filter for both roles (0 = off).
+
+  c.rewards = ml_collections.ConfigDict()
+  # Proposer reward from k = answers agreeing with the majority (see sqlm_jax/rewards.py):
+  # sqlm (1 < k < N) | sqlm_paper (0 < k < N) | rzero | learnability | gaussian.
+  c.rewards.proposer_shape = "sqlm"
+  c.rewards.gaussian_centre = 0.5
+  c.rewards.gaussian_width = 0.2
+  c.rewards.min_votes = 1  # A majority needs at least this many votes, else nobody is rewarded.
+  c.rewards.break_ties = True  # False: a tied top count rewards nobody.
+
+  c.rl = rl.default_config()  # Loss, advantages, optimizer: documented in rl.default_config.
+  c.rl.learning_rate = 1e-6
+  c.rl.kl_coef = 1e-3
+  c.rl.kl_estimator = "low_var"
+  c.rl.micro_batch_size = 16  # Rows per forward/backward; bounds training memory.
+  c.proposer_update_every = 5  # The proposer is updated every this many steps.
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every = 20  # Evaluate every this many steps (0 = only at the start and end).
+  c.eval.heldout = "multiplication3"  # Held-out set with ground truth (sqlm_jax/datasets.py).
+  c.eval.num_examples = 0  # 0 = the whole set.
+  c.eval.num_samples = 4  # For majority-of-N accuracy.
+  c.eval.temperature = 1.0  # For the N samples; greedy accuracy uses temperature 0.
+  c.eval.max_new_tokens = 1024
+  c.eval.batch_size = 64
+  c.eval.data_dir = ""  # "" = $SQLM_JAX_TFDS_DIR or ~/.cache/sqlm_jax/tfds.
+
+  c.log = ml_collections.ConfigDict()
+  c.log.samples_per_step = 4  # Proposals (with their answers and rewards) written per step.
+  c.log.tensorboard = True
+  c.log.progress_bar = True
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every = 0  # Export solver/proposer Hugging Face checkpoints every K steps (0 = end).
+
+  c.sandbox = ml_collections.ConfigDict()  # Coding topics only.
+  c.sandbox.workers = 0  # 0 = one per CPU.
+  c.sandbox.timeout_s = 5.0
+  c.sandbox.allow_unsandboxed = False  # Never set on shared machines: runs model code unisolated.
+  return c
