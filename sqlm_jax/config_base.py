@@ -35,8 +35,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.rollout.answers_per_question = 4  # N: solver answers per question (the vote's size).
   c.rollout.max_proposal_tokens = 1024
   c.rollout.max_answer_tokens = 1024
-  c.rollout.proposer_temperature = 1.0
-  c.rollout.solver_temperature = 1.0
+  # Sampling temperature of both roles; the loss scores log-probs at the same temperature.
+  c.rollout.temperature = ml_collections.FieldReference(1.0)
   c.rollout.top_p = 1.0  # Nucleus filter for both roles (1.0 = off).
   c.rollout.top_k = 0  # Top-k filter for both roles (0 = off).
 
@@ -54,6 +54,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.rl.kl_coef = 1e-3
   c.rl.kl_estimator = "low_var"
   c.rl.micro_batch_size = 16  # Rows per forward/backward; bounds training memory.
+  c.rl.temperature = c.rollout.get_ref("temperature")  # Follows rollout.temperature.
+  # Re-score sampled tokens with the training forward pass instead of trusting the sampler's
+  # log-probs (always done when top-k/top-p filter the sampling distribution).
+  c.rl.recompute_old_logprobs = False
   c.proposer_update_every = 5  # The proposer is updated every this many steps.
 
   c.eval = ml_collections.ConfigDict()

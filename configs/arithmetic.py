@@ -1,0 +1,27 @@
+"""The paper's arithmetic run: Qwen2.5-3B-Instruct proposes and solves three-digit arithmetic.
+
+  python -m sqlm_jax.main --config configs/arithmetic.py --config.model.path=/ckpt/Qwen2.5-3B-Instruct
+"""
+
+from sqlm_jax.config_base import base_config
+
+
+def get_config():
+  c = base_config()
+  c.task.name = "arithmetic"
+  c.task.topic = "Three-digit arithmetic"
+  c.total_steps = 100
+  c.shared_weights = True  # The reference code trains one model in both roles.
+  c.rollout.prompts_per_step = 64  # 64 topic prompts x 4 proposals = 256 questions per step,
+  c.rollout.proposals_per_prompt = 4
+  c.rollout.answers_per_question = 4  # x N = 4 answers = 1,024 solver samples per step.
+  c.rollout.max_proposal_tokens = 1024
+  c.rollout.max_answer_tokens = 1024
+  c.rl.learning_rate = 1e-6
+  c.rl.kl_coef = 1e-3  # KL to the starting model, low-variance (k3) estimator.
+  c.rl.kl_estimator = "low_var"
+  c.proposer_update_every = 5
+  c.rewards.proposer_shape = "sqlm"  # 1 iff 1 < k < N, as in the reference code.
+  c.eval.heldout = "multiplication3"  # Three-digit multiplication, like the paper's test set.
+  c.eval.every = 20
+  return c

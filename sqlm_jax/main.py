@@ -1,0 +1,117 @@
+"""Entry point: python -m sqlm_jax.main --config configs/X.py [--workdir DIR] [--config.a.b=value ...]
+
+The config is checked (required fields, paths, choices, sizes) before anything is loaded or
+compiled; a bad value stops the run with a message naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from sqlm_jax import config_base, rewards, rl
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where metrics, samples, exports go "
+                               "(default: runs/<config name>).")
+
+TASKS = ("arithmetic", "algebra", "generic", "coding", "tiny_addition")
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the key and the fix."""
+
+
+def validate(config) -> None:
+  """Raises ConfigError on the first problem found, before any model is loaded."""
+  from sqlm_jax.datasets import HELDOUT_SETS
+  path = config.model.path
+  if path in (None, "", config_base.REQUIRED):
+    raise ConfigError("config.model.path is required: pass --config.model.path=DIR, a Hugging "
+                      "Face checkpoint folder (config.json, *.safetensors, tokenizer files).")
+  if not os.path.isdir(path):
+    raise ConfigError(f"config.model.path={path!r} does not exist or is not a folder; point it at "
+                      "a local checkpoint folder.")
+  if not os.path.isfile(os.path.join(path, "config.json")):
+    raise ConfigError(f"config.model.path={path!r} has no config.json; it must be a Hugging Face "
+                      "checkpoint folder.")
+  _choice(config, "task.name", TASKS)
+  _choice(config, "rewards.proposer_shape", rewards.PROPOSER_SHAPES)
+  _choice(config, "rl.advantage_estimator", rl.ADVANTAGE_ESTIMATORS)
+  _choice(config, "rl.kl_estimator", rl.KL_ESTIMATORS)
+  _choice(config, "rl.loss_agg", rl.LOSS_AGGREGATIONS)
+  _choice(config, "rl.lr_schedule", rl.LR_SCHEDULES)
+  _choice(config, "eval.heldout", tuple(HELDOUT_SETS))
+  _choice(config, "model.dtype", ("float32", "bfloat16"))
+  _choice(config, "model.param_dtype", ("float32", "bfloat16"))
+  for key in ("total_steps", "rollout.prompts_per_step", "rollout.proposals_per_prompt",
+              "rollout.answers_per_question", "rollout.max_proposal_tokens",
+              "rollout.max_answer_tokens", "rl.micro_batch_size", "proposer_update_every",
+              "eval.max_new_tokens", "eval.batch_size", "eval.num_samples"):
+    if _get(config, key) < 1:
+      raise ConfigError(f"config.{key}={_get(config, key)} must be at least 1.")
+  if config.rollout.temperature <= 0:
+    raise ConfigError(f"config.rollout.temperature={config.rollout.temperature} must be > 0: "
+                      "policy-gradient training needs sampled, not greedy, rollouts.")
+  if not 0 < config.rollout.top_p <= 1:
+    raise ConfigError(f"config.rollout.top_p={config.rollout.top_p} must be in (0, 1].")
+  if config.rl.kl_coef < 0:
+    raise ConfigError(f"config.rl.kl_coef={config.rl.kl_coef} must be >= 0 (0 disables the KL).")
+
+
+def _get(config, dotted: str):
+  value = config
+  for part in dotted.split("."):
+    value = value[part]
+  return value
+
+
+def _choice(config, dotted: str, choices) -> None:
+  value = _get(config, dotted)
+  if value not in choices:
+    raise ConfigError(f"config.{dotted}={value!r} is not one of: {', '.join(choices)}.")
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  config = _CONFIG.value
+  if config is None:
+    raise app.UsageError("--config is required, e.g. --config configs/tiny.py")
+  try:
+    validate(config)
+  except ConfigError as error:
+    print(f"Config error: {error}", file=sys.stderr)
+    sys.exit(2)
+  name = os.path.splitext(os.path.basename(config_flags.get_config_filename(flags.FLAGS["config"])))[0]
+  workdir = _WORKDIR.value or os.path.join("runs", name)
+  from sqlm_jax import selfplay  # Imported after validation: loading JAX takes seconds.
+  summary = selfplay.train(config, workdir)
+  print(f"\nheld-out {summary['heldout_set']} ({summary['heldout_size']} problems), greedy accuracy:"
+        f" base {summary['base_accuracy']:.3f} -> trained {summary['final_accuracy']:.3f}")
+  print(f"metrics: {os.path.join(workdir, 'metrics.jsonl')}  summary: "
+        f"{os.path.join(workdir, 'summary.json')}")
+
+
+def parse_flags(argv):
+  """absl flag parsing, with unknown or mistyped config keys reported in one line, no traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as error:  # config_flags: a key that is not in the config.
+    message = str(error).replace("\\n", " ").replace("\\'", "").replace("'", "").strip('"')
+    keys = [a[2:].split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+    bad = next((k for k in keys if k.split(".")[-1] in message.split()), "")
+    hint = message[message.index("Did you mean"):] if "Did you mean" in message else ""
+    print(f"Config error: {bad or message} is not a config key. {hint} The keys are listed with "
+          "comments in sqlm_jax/config_base.py.", file=sys.stderr)
+  except flags.Error as error:  # A value of the wrong type, or a missing config file.
+    print(f"Config error: {error}", file=sys.stderr)
+  sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

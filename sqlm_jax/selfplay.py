@@ -1,0 +1,448 @@
+"""The self-play loop: propose -> solve -> reward -> update -> log / evaluate / export.
+
+One step, top to bottom (see `train_step`):
+  1. propose  sample `proposals_per_prompt` proposals for each of `prompts_per_step` topic prompts
+  2. parse    proposals -> questions; unparseable ones are masked out of both roles' losses
+  3. solve    sample N answers per question (one shared prefill per question)
+  4. score    answers -> ids -> majority vote (or test pass rates for code) -> rewards [Q, N], [Q]
+  5. update   the solver every step, the proposer every `proposer_update_every` steps
+  6. log      metrics.jsonl, TensorBoard, samples.jsonl; evaluate every `eval.every` steps
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from sqlm_jax import checkpoints, diversity, evaluation, metrics as metrics_lib, rewards, rl
+from sqlm_jax.datasets import load_heldout
+from sqlm_jax.models import ModelConfig, forward, load_pretrained
+from sqlm_jax.sampling import SampleOutput, Sampler, bucket
+from sqlm_jax.tasks import get_task
+from sqlm_jax.tasks.base import Proposal, Task
+from sqlm_jax.tasks.math_answers import answer_ids
+from sqlm_jax.tokenizer import Tokenizer, encode_chat, load_tokenizer
+
+ROLES = ("solver", "proposer")
+
+
+@dataclasses.dataclass
+class RunState:
+  """Everything that changes during a run, as one pytree-like unit (save/restore it whole).
+
+  With shared weights, params/opt_state hold a single "policy" entry used by both roles.
+  """
+
+  step: int
+  params: dict[str, Any]
+  opt_state: dict[str, Any]
+  recent_questions: diversity.RecentQuestions
+
+
+@dataclasses.dataclass
+class Setup:
+  """What stays fixed during a run: the model, tokenizer, task, compiled functions."""
+
+  config: ml_collections.ConfigDict
+  model_config: ModelConfig
+  tokenizer: Tokenizer
+  task: Task
+  topic: str
+  sampler: Sampler
+  grad_fn: Any
+  apply_updates: Any
+  lr_schedule: Any
+  ref_logprob_fn: Optional[Any]
+  ref_params: Optional[Any]
+  old_logprob_fn: Optional[Any]  # Set when sampling log-probs are not the policy's (top-k/p).
+  heldout: list[dict]
+  sandbox_pool: Optional[Any] = None
+
+
+def role_key(config, role: str) -> str:
+  return "policy" if config.shared_weights else role
+
+
+# ---- Setup ---------------------------------------------------------------------------------------
+
+
+def make_task(config) -> tuple[Task, str]:
+  """The Task and the topic text (a free-text topic falls back to the generic math format)."""
+  if config.task.name == "generic":
+    from sqlm_jax.tasks import generic
+    task = generic.make_task(config.task.topic or generic.DEFAULT_TOPIC)
+  else:
+    task = get_task(config.task.name)
+  return task, config.task.topic or task.default_topic
+
+
+def setup(config: ml_collections.ConfigDict) -> tuple[Setup, RunState]:
+  model_config, params = load_pretrained(config.model.path, dtype=config.model.dtype,
+                                         param_dtype=config.model.param_dtype,
+                                         remat=config.model.remat)
+  params = jax.device_put(params)
+  tokenizer = load_tokenizer(config.model.path)
+  task, topic = make_task(config)
+  sampler = Sampler(model_config, pad_id=tokenizer.pad_id, stop_ids=tokenizer.stop_ids)
+
+  def apply_fn(p, tokens, positions, mask):
+    return forward(p, model_config, tokens, positions, mask)
+
+  optimizer = rl.make_optimizer(config.rl)
+
+  @jax.jit
+  def apply_updates(p, opt_state, grads):
+    updates, opt_state = optimizer.update(grads, opt_state, p)
+    return optax.apply_updates(p, updates), opt_state, optax.tree.norm(grads)
+
+  roles = ("policy",) if config.shared_weights else ROLES
+  copies = {role: params if i == 0 else jax.tree.map(jnp.copy, params)
+            for i, role in enumerate(roles)}
+  logprob_fn = rl.make_logprob_fn(apply_fn, config.rl.temperature, config.rl.micro_batch_size)
+  ref_params = jax.tree.map(jnp.copy, params) if config.rl.kl_coef > 0 else None  # Frozen start.
+  filtered = config.rollout.top_k > 0 or config.rollout.top_p < 1.0
+  recompute = config.rl.recompute_old_logprobs or filtered
+  heldout = load_heldout(config.eval.heldout, config.eval.data_dir or None)
+  if config.eval.num_examples:
+    heldout = heldout[:config.eval.num_examples]
+  pool = None
+  if task.reward_kind == "tests":
+    from sqlm_jax import sandbox
+    pool = sandbox.SandboxPool(workers=config.sandbox.workers or None,
+                               limits=sandbox.Limits(timeout_s=config.sandbox.timeout_s),
+                               allow_unsandboxed=config.sandbox.allow_unsandboxed)
+  s = Setup(config=config, model_config=model_config, tokenizer=tokenizer, task=task, topic=topic,
+            sampler=sampler,
+            grad_fn=jax.jit(rl.make_grad_fn(apply_fn, config.rl, config.rl.micro_batch_size)),
+            apply_updates=apply_updates, lr_schedule=rl.make_lr_schedule(config.rl),
+            ref_logprob_fn=logprob_fn if ref_params is not None else None, ref_params=ref_params,
+            old_logprob_fn=logprob_fn if recompute else None, heldout=heldout,
+            sandbox_pool=pool)
+  state = RunState(step=0, params=copies,
+                   opt_state={role: optimizer.init(p) for role, p in copies.items()},
+                   recent_questions=diversity.RecentQuestions(max_steps=10))
+  return s, state
+
+
+# ---- Rollouts -> training batches -----------------------------------------------------------------
+
+
+def training_batch(s: Setup, out: SampleOutput, num_samples: int, rows: np.ndarray,
+                   advantages: np.ndarray, weights: np.ndarray, params) -> dict[str, jax.Array]:
+  """Prompt + completion rows of a SampleOutput as the batch dict rl.make_grad_fn expects.
+
+  The completion part is trimmed to a length bucket and the rows padded (with copies of a real
+  row at weight 0) to a bucketed multiple of the micro-batch, so shapes repeat across steps.
+  """
+  micro = s.config.rl.micro_batch_size
+  prompt_rows = rows // num_samples
+  lengths = out.lengths[rows]
+  length = min(out.tokens.shape[1], bucket(int(lengths.max()), 16))
+  completion_mask = np.arange(length)[None, :] < lengths[:, None]  # [R, L]
+  prompt_mask = out.prompt_mask[prompt_rows]
+  batch = {
+      "tokens": np.concatenate([out.prompt_tokens[prompt_rows], out.tokens[rows, :length]], 1),
+      "attention_mask": np.concatenate([prompt_mask, completion_mask], 1),
+      "loss_mask": np.concatenate([np.zeros_like(prompt_mask), completion_mask], 1).astype(np.float32),
+      "old_logprobs": np.concatenate([np.zeros(prompt_mask.shape, np.float32),
+                                      out.logprobs[rows, :length] * completion_mask], 1),
+      "advantages": advantages.astype(np.float32),
+      "sample_weight": weights.astype(np.float32),
+  }
+  size = -(-bucket(len(rows), 1) // micro) * micro
+  pad = size - len(rows)
+  for name, value in batch.items():
+    filler = np.repeat(value[:1], pad, axis=0)
+    if name == "sample_weight":
+      filler = np.zeros_like(filler)
+    batch[name] = np.concatenate([value, filler], 0)
+  batch = jax.tree.map(jnp.asarray, batch)
+  if s.ref_logprob_fn is not None:
+    batch["ref_logprobs"] = s.ref_logprob_fn(s.ref_params, batch["tokens"],
+                                             batch["attention_mask"]) * batch["loss_mask"]
+  if s.old_logprob_fn is not None:  # Score the sampled tokens with the trainer's forward pass.
+    batch["old_logprobs"] = s.old_logprob_fn(params, batch["tokens"],
+                                             batch["attention_mask"]) * batch["loss_mask"]
+  return batch
+
+
+def decode_rows(tokenizer: Tokenizer, out: SampleOutput) -> list[str]:
+  return [tokenizer.decode(row[:n]) for row, n in zip(out.tokens, out.lengths)]
+
+
+# ---- Rewards and advantages (array code, jitted once per padded shape) ---------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "estimator", "min_votes", "break_ties"))
+def vote_signals(ids, centre, width, eps, *, shape, estimator, min_votes, break_ties):
+  """answer ids [Q, N] -> majority id [Q], k [Q], solver reward [Q, N], proposer reward [Q],
+  solver advantages [Q, N] (the N answers of a question are one group)."""
+  majority_id, k, _ = rewards.majority_vote(ids)
+  solver_r = rewards.solver_reward(ids, min_votes, break_ties)
+  proposer_r = rewards.proposer_reward(k, ids.shape[1], shape, centre, width)
+  return majority_id, k, solver_r, proposer_r, rl.group_advantages(solver_r, estimator, eps)
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "estimator"))
+def test_signals(passes, test_mask, centre, width, eps, *, shape, estimator):
+  """Test results [Q, N, T] -> solver reward (pass rate) [Q, N], proposer reward [Q], advantages."""
+  solver_r = rewards.pass_rate_solver_reward(passes, test_mask)
+  proposer_r = rewards.pass_rate_proposer_reward(passes, test_mask, shape, centre, width)
+  return solver_r, proposer_r, rl.group_advantages(solver_r, estimator, eps)
+
+
+# ---- One step --------------------------------------------------------------------------------------
+
+
+def train_step(s: Setup, state: RunState, key: jax.Array) -> tuple[RunState, dict, list[dict]]:
+  c, task, tok = s.config, s.task, s.tokenizer
+  n = c.rollout.answers_per_question
+  times, m = {}, {}
+  sampling = dict(top_k=c.rollout.top_k, top_p=c.rollout.top_p)
+
+  # 1. Propose: every topic prompt is one proposer group of `proposals_per_prompt` samples. The
+  #    prompts are identical, so all P*M proposals share one prefill (row r is in group r // M).
+  t0 = time.perf_counter()
+  proposer_prompt = encode_chat(tok, task.proposer_messages(s.topic))
+  num_proposals = c.rollout.prompts_per_step * c.rollout.proposals_per_prompt
+  proposals_out = s.sampler(
+      state.params[role_key(c, "proposer")], [proposer_prompt], jax.random.fold_in(key, 0),
+      max_new_tokens=c.rollout.max_proposal_tokens, num_samples=num_proposals,
+      temperature=c.rollout.temperature, **sampling)
+  times["propose"] = time.perf_counter() - t0
+
+  # 2. Parse: proposals -> questions; the invalid are masked out of both losses.
+  t0 = time.perf_counter()
+  proposal_texts = decode_rows(tok, proposals_out)
+  proposals = [task.parse_proposal(text) for text in proposal_texts]  # [P*M]
+  valid = np.array([p.valid for p in proposals])
+  questions = [p for p in proposals if p.valid]  # [Q]
+  solver_prompts = [encode_chat(tok, task.solver_messages(p)) for p in questions]
+  times["host_parse"] = time.perf_counter() - t0
+
+  # 3. Solve: N answers per question from one shared prefill.
+  t0 = time.perf_counter()
+  answers_out = None
+  if questions:
+    answers_out = s.sampler(
+        state.params[role_key(c, "solver")], solver_prompts, jax.random.fold_in(key, 1),
+        max_new_tokens=c.rollout.max_answer_tokens, num_samples=n,
+        temperature=c.rollout.temperature, **sampling)
+  times["solve"] = time.perf_counter() - t0
+
+  # 4. Score: answers -> rewards (array code over [Q, N]).
+  t0 = time.perf_counter()
+  q = len(questions)
+  answer_texts = decode_rows(tok, answers_out) if questions else []
+  answers = [[task.extract_answer(t) for t in answer_texts[i * n:(i + 1) * n]] for i in range(q)]
+  shape = dict(shape=c.rewards.proposer_shape, centre=c.rewards.gaussian_centre,
+               width=c.rewards.gaussian_width, estimator=c.rl.advantage_estimator,
+               eps=c.rl.advantage_eps)
+  rows = bucket(q, 1)  # Padded question count: the jitted reward code sees few shapes.
+  if task.reward_kind == "tests":
+    from sqlm_jax.tasks.coding import pass_matrix
+    passes, test_mask = pass_matrix(questions + [Proposal(None)] * (rows - q),
+                                    answers + [[None] * n] * (rows - q), s.sandbox_pool)
+    solver_r, proposer_r, solver_adv = test_signals(passes, test_mask, **shape)
+    k = (np.asarray(solver_r) == 1.0).sum(-1)  # Answers passing every test.
+    majority = [None] * q
+  else:
+    ids = np.full((rows, n), -1, np.int32)
+    ids[:q] = answer_ids(answers) if q else ids[:0]
+    majority_id, k, solver_r, proposer_r, solver_adv = vote_signals(
+        ids, min_votes=c.rewards.min_votes, break_ties=c.rewards.break_ties, **shape)
+    majority_id = np.asarray(majority_id)
+    majority = [row[list(ids[i]).index(majority_id[i])] if majority_id[i] >= 0 else None
+                for i, row in enumerate(answers)]
+  k, solver_r, proposer_r, solver_adv = (np.asarray(x)[:q] for x in (k, solver_r, proposer_r,
+                                                                      solver_adv))
+  m.update(score_metrics(s, state, proposals, questions, answers, majority, solver_r, proposer_r,
+                         k, answers_out, proposals_out))
+  times["host_score"] = time.perf_counter() - t0
+
+  # 5. Update: solver groups are the N answers of a question; proposer groups the M proposals
+  #    of a topic prompt, with invalid proposals masked (weight 0, excluded from the statistics).
+  t0 = time.perf_counter()
+  grads, update_metrics = {}, {}
+  if q:
+    solver_params = state.params[role_key(c, "solver")]
+    batch = training_batch(s, answers_out, n, np.arange(q * n), solver_adv.reshape(-1),
+                           np.ones(q * n), solver_params)
+    grads["solver"], update_metrics["solver"] = s.grad_fn(solver_params, batch)
+  update_proposer = (state.step + 1) % c.proposer_update_every == 0
+  if update_proposer and valid.any():
+    full_r = np.zeros(len(proposals), np.float32)
+    full_r[valid] = proposer_r
+    groups = (c.rollout.prompts_per_step, c.rollout.proposals_per_prompt)
+    adv = np.asarray(rl.group_advantages(full_r.reshape(groups), c.rl.advantage_estimator,
+                                         c.rl.advantage_eps, mask=valid.reshape(groups)))
+    proposer_params = state.params[role_key(c, "proposer")]
+    batch = training_batch(s, proposals_out, num_proposals, np.arange(len(proposals)),
+                           adv.reshape(-1), valid.astype(np.float32), proposer_params)
+    grads["proposer"], update_metrics["proposer"] = s.grad_fn(proposer_params, batch)
+  state = apply_role_updates(s, state, grads, update_metrics)
+  for role, role_metrics in update_metrics.items():
+    for name, value in role_metrics.items():
+      m[f"{role}/{name}"] = float(value)
+  m["learning_rate"] = float(s.lr_schedule(state.step))
+  times["train"] = time.perf_counter() - t0
+
+  total = sum(times.values())
+  m.update({f"time/{name}": value for name, value in times.items()})
+  m["time/step"] = total
+  m["time/host_fraction"] = (times["host_parse"] + times["host_score"]) / total
+  trained_tokens = sum(float(update_metrics[r]["tokens"]) for r in update_metrics)
+  m["train_tokens_per_s"] = trained_tokens / max(times["train"], 1e-9)
+  samples = sample_records(c.log.samples_per_step, proposals, proposal_texts, questions, answers,
+                           answer_texts, majority, solver_r, proposer_r, n)
+  state = dataclasses.replace(state, step=state.step + 1)
+  return state, m, samples
+
+
+def apply_role_updates(s: Setup, state: RunState, grads: dict, update_metrics: dict) -> RunState:
+  """One optimizer step per parameter set; with shared weights the roles' gradients add."""
+  params, opt_state = dict(state.params), dict(state.opt_state)
+  if s.config.shared_weights and grads:
+    total = jax.tree.map(lambda *g: sum(g), *grads.values())
+    params["policy"], opt_state["policy"], norm = s.apply_updates(params["policy"],
+                                                                  opt_state["policy"], total)
+    for role in grads:
+      update_metrics[role]["grad_norm_combined"] = norm
+  else:
+    for role, g in grads.items():
+      params[role], opt_state[role], norm = s.apply_updates(params[role], opt_state[role], g)
+      update_metrics[role]["grad_norm"] = norm
+  return dataclasses.replace(state, params=params, opt_state=opt_state)
+
+
+# ---- What a researcher watches ----------------------------------------------------------------------
+
+
+def score_metrics(s, state, proposals, questions, answers, majority, solver_r, proposer_r, k,
+                  answers_out, proposals_out) -> dict[str, Any]:
+  task, n = s.task, s.config.rollout.answers_per_question
+  texts = [p.question for p in questions]
+  m = {
+      "valid_proposal_rate": float(np.mean([p.valid for p in proposals])),
+      "num_questions": len(questions),
+      "solver_reward": float(solver_r.mean()) if solver_r.size else None,
+      "proposer_reward": float(proposer_r.mean()) if proposer_r.size else None,
+      "k_histogram": np.bincount(np.asarray(k, np.int64), minlength=n + 1).tolist(),
+      "answer_valid_rate": float(np.mean([[a is not None for a in row] for row in answers]))
+                           if answers else None,
+      "proposal_length": float(proposals_out.lengths.mean()),
+      "answer_length": float(answers_out.lengths.mean()) if answers_out is not None else None,
+      "proposal_distinct2": diversity.distinct_n(texts, 2),
+      "proposal_duplicate_rate": diversity.duplicate_rate(texts),
+      "proposal_recent_overlap": state.recent_questions.update(texts),
+  }
+  # The pseudo-label monitor: how often the majority is actually right (never a reward).
+  truths = [task.true_answer(p) for p in questions]
+  judged = [(mj == t) for mj, t in zip(majority, truths) if t is not None and mj is not None]
+  m["pseudo_label_accuracy"] = float(np.mean(judged)) if judged else None
+  m["pseudo_label_coverage"] = len(judged) / len(questions) if questions else 0.0
+  difficulties = [task.difficulty(p) for p in questions]
+  difficulties = [d for d in difficulties if d is not None]
+  m["proposal_difficulty"] = float(np.mean(difficulties)) if difficulties else None
+  if difficulties:
+    values, counts = np.unique(difficulties, return_counts=True)
+    m["difficulty_histogram"] = {f"{v:g}": int(c) for v, c in zip(values, counts)}
+  return m
+
+
+def sample_records(count, proposals, proposal_texts, questions, answers, answer_texts, majority,
+                   solver_r, proposer_r, n) -> list[dict]:
+  """A few proposals with their N answers and rewards, for reading (samples.jsonl)."""
+  records, q = [], 0
+  for proposal, text in zip(proposals, proposal_texts):
+    if len(records) >= count:
+      break
+    record = {"proposal": text, "question": proposal.question}
+    if proposal.valid:
+      record.update(answers=answer_texts[q * n:(q + 1) * n], extracted=answers[q],
+                    majority=majority[q], solver_rewards=solver_r[q].tolist(),
+                    proposer_reward=float(proposer_r[q]))
+      q += 1
+    records.append(record)
+  return records
+
+
+# ---- Evaluation and the run ---------------------------------------------------------------------
+
+
+def evaluate(s: Setup, params, key) -> dict[str, float]:
+  e = s.config.eval
+  result = evaluation.evaluate(params, s.sampler, s.tokenizer, s.task, s.heldout, key,
+                               num_samples=e.num_samples, temperature=e.temperature,
+                               max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
+  return {f"heldout/{name}": value for name, value in result.items()}
+
+
+def step_key(seed: int, step: int) -> jax.Array:
+  """Each step's randomness from (seed, step) alone, so a resumed run continues identically."""
+  return jax.random.fold_in(jax.random.key(seed), step)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs self-play for config.total_steps; returns the summary also written to summary.json."""
+  from tqdm.auto import tqdm
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  s, state = setup(config)
+  writer = metrics_lib.MetricsWriter(workdir, tensorboard=config.log.tensorboard)
+  # Evaluation samples come from their own key, the same at every evaluation of the run.
+  eval_key = jax.random.fold_in(jax.random.key(config.seed), 2**31 - 1)
+  base = evaluate(s, state.params[role_key(config, "solver")], eval_key)
+  writer.write(0, base)
+  print(metrics_lib.summary_line(0, config.total_steps, base), flush=True)
+  last_eval = base
+  bar = tqdm(total=config.total_steps, disable=not config.log.progress_bar, desc="self-play")
+  try:
+    while state.step < config.total_steps:
+      state, m, samples = train_step(s, state, step_key(config.seed, state.step))
+      step = state.step
+      if step == config.total_steps or (config.eval.every and step % config.eval.every == 0):
+        last_eval = evaluate(s, state.params[role_key(config, "solver")], eval_key)
+        m.update(last_eval)
+      writer.write(step, m)
+      writer.write_samples(step, samples)
+      bar.update(1)
+      bar.write(metrics_lib.summary_line(step, config.total_steps, m))
+      if config.checkpoint.every and step % config.checkpoint.every == 0:
+        export_roles(s, state, workdir)
+  finally:
+    bar.close()
+    writer.close()
+  export_roles(s, state, workdir)
+  summary = {
+      "heldout_set": config.eval.heldout,
+      "heldout_size": len(s.heldout),
+      "base_accuracy": base["heldout/greedy_accuracy"],
+      "final_accuracy": last_eval["heldout/greedy_accuracy"],
+      "base_majority_accuracy": base.get("heldout/majority_accuracy"),
+      "final_majority_accuracy": last_eval.get("heldout/majority_accuracy"),
+      "steps": state.step,
+  }
+  with open(os.path.join(workdir, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=2)
+  if s.sandbox_pool is not None:
+    s.sandbox_pool.close()
+  return summary
+
+
+def export_roles(s: Setup, state: RunState, workdir: str) -> None:
+  """WORKDIR/solver and WORKDIR/proposer as Hugging Face checkpoints (with the tokenizer)."""
+  for role in ROLES:
+    checkpoints.export(os.path.join(workdir, role), s.model_config,
+                       state.params[role_key(s.config, role)], s.config.model.path)
