@@ -1,0 +1,66 @@
+"""The command line: config overrides users script against, and errors before any compilation."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The override paths the README documents; every config must accept them.
+SMALL = ["--config.total_steps=1", "--config.seed=3", "--config.rollout.prompts_per_step=2",
+         "--config.rollout.proposals_per_prompt=2", "--config.rollout.answers_per_question=2",
+         "--config.rollout.max_proposal_tokens=8", "--config.rollout.max_answer_tokens=6",
+         "--config.eval.num_examples=2", "--config.eval.max_new_tokens=4",
+         "--config.eval.num_samples=2", "--config.rl.micro_batch_size=4",
+         "--config.model.dtype=float32", "--config.log.progress_bar=False"]
+
+
+def run_main(*args, timeout=600):
+  return subprocess.run([sys.executable, "-m", "sqlm_jax.main", *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("config,extra", [
+    ("configs/arithmetic.py", []),
+    ("configs/algebra.py", []),
+    ("configs/arithmetic.py", ["--config.task.name=generic",
+                               "--config.task.topic=Probability of dice rolls"]),
+])
+def test_main_runs_steps_and_writes_metrics(qwen2_dir, tmp_path, config, extra):
+  result = run_main("--config", config, f"--config.model.path={qwen2_dir}",
+                    f"--workdir={tmp_path}", *SMALL, *extra)
+  assert result.returncode == 0, result.stderr[-3000:]
+  records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  step1 = [r for r in records if r["step"] == 1][0]
+  for key in ("step", "solver_reward", "proposer_reward", "valid_proposal_rate",
+              "pseudo_label_accuracy", "heldout/greedy_accuracy", "heldout/majority_accuracy"):
+    assert key in step1, key
+  summary = json.load(open(tmp_path / "summary.json"))
+  assert {"base_accuracy", "final_accuracy", "heldout_set", "heldout_size"} <= set(summary)
+  assert "greedy accuracy" in result.stdout
+  saved = json.load(open(tmp_path / "config.json"))
+  assert saved["seed"] == 3
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--config.rl.learnin_rate=3"], "config.rl.learnin_rate is not a config key"),
+    (["--config.total_steps=many"], "--config.total_steps=many"),
+    ([], "config.model.path is required"),
+    (["--config.model.path=/no/such/folder"], "'/no/such/folder' does not exist"),
+    (["--config.model.path=/tmp", "--config.rewards.proposer_shape=cubic"], "config.model.path"),
+])
+def test_config_errors_stop_before_compiling(args, expected):
+  result = run_main("--config", "configs/arithmetic.py", *args, timeout=120)
+  assert result.returncode != 0
+  assert expected in result.stderr, result.stderr[-2000:]
+  assert "Traceback" not in result.stderr
+
+
+def test_bad_choice_names_key_and_choices(qwen2_dir):
+  result = run_main("--config", "configs/arithmetic.py", f"--config.model.path={qwen2_dir}",
+                    "--config.rewards.proposer_shape=cubic", timeout=120)
+  assert result.returncode == 2
+  assert "config.rewards.proposer_shape='cubic' is not one of: sqlm, sqlm_paper" in result.stderr

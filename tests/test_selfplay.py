@@ -1,0 +1,144 @@
+"""A few self-play steps on a tiny random model, end to end, and the loop's masking/sharing rules."""
+
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from sqlm_jax import selfplay
+from sqlm_jax.config_base import base_config
+from sqlm_jax.models import load_pretrained
+from sqlm_jax.tasks.base import Proposal, Task
+
+
+def permissive_task() -> Task:
+  """A random model never writes a parseable arithmetic problem; this topic accepts most text.
+
+  Proposals whose length is a multiple of 3 are "unparseable", so masking is exercised too.
+  """
+  return Task(
+      name="permissive", reward_kind="vote",
+      proposer_messages=lambda topic: [{"role": "user", "content": "Ask:"}],
+      parse_proposal=lambda text: Proposal(text if len(text) % 3 else None),
+      solver_messages=lambda p: [{"role": "user", "content": p.question[:8]}],
+      extract_answer=lambda text: text[:1] or None,
+      true_answer=lambda p: "a", difficulty=lambda p: float(len(p.question)))
+
+
+def tiny_config(path, **overrides):
+  c = base_config()
+  c.model.path = path
+  c.model.dtype = "float32"
+  c.total_steps = 2
+  c.rollout.prompts_per_step = 2
+  c.rollout.proposals_per_prompt = 3
+  c.rollout.answers_per_question = 4
+  c.rollout.max_proposal_tokens = 10
+  c.rollout.max_answer_tokens = 6
+  c.rl.micro_batch_size = 4
+  c.rl.learning_rate = 1e-3
+  c.proposer_update_every = 1
+  c.eval.num_examples = 3
+  c.eval.num_samples = 2
+  c.eval.max_new_tokens = 6
+  c.log.progress_bar = False
+  c.log.tensorboard = True
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+@pytest.fixture
+def permissive(monkeypatch):
+  monkeypatch.setattr(selfplay, "make_task", lambda config: (permissive_task(), "topic"))
+
+
+def test_selfplay_steps_end_to_end(qwen2_dir, tmp_path, permissive):
+  config = tiny_config(qwen2_dir)
+  _, initial = load_pretrained(qwen2_dir)
+  summary = selfplay.train(config, str(tmp_path))
+  records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  assert [r["step"] for r in records] == [0, 1, 2]
+  for record in records[1:]:
+    for key in ("solver_reward", "proposer_reward", "valid_proposal_rate", "pseudo_label_accuracy",
+                "solver/grad_norm", "solver/kl", "solver/entropy", "solver/clip_low",
+                "time/propose", "time/solve", "time/train", "proposal_distinct2", "k_histogram"):
+      assert key in record, key
+    for key, value in record.items():
+      if isinstance(value, float):
+        assert math.isfinite(value), key
+    assert sum(record["k_histogram"]) == record["num_questions"]
+  assert "heldout/greedy_accuracy" in records[0] and "heldout/greedy_accuracy" in records[2]
+  assert summary["heldout_size"] == 3 and 0 <= summary["final_accuracy"] <= 1
+  assert (tmp_path / "samples.jsonl").read_text().count("\n") >= 2
+  assert any((tmp_path / "tensorboard").iterdir())
+  # The exported roles load, and training changed them.
+  for role in ("solver", "proposer"):
+    _, trained = load_pretrained(str(tmp_path / role))
+    changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(initial),
+                                                        jax.tree.leaves(trained))]
+    assert all(changed), role
+
+
+def test_masked_proposal_contributes_exactly_zero_gradient(qwen2_dir, permissive):
+  """A weight-0 proposal's tokens and advantage do not touch the proposer's gradient."""
+  config = tiny_config(qwen2_dir)
+  s, state = selfplay.setup(config)
+  params = state.params["proposer"]
+  out = s.sampler(params, [[2, 5, 6]], jax.random.key(0), max_new_tokens=6, num_samples=4)
+  weights = np.array([1.0, 0.0, 1.0, 1.0])
+  advantages = np.array([0.5, 3.0, -0.5, 0.0])
+  batch = selfplay.training_batch(s, out, 4, np.arange(4), advantages, weights, params)
+  grads, _ = s.grad_fn(params, batch)
+  out.tokens = out.tokens.copy()
+  out.logprobs = out.logprobs.copy()
+  out.tokens[1] = (out.tokens[1] + 7) % 100  # Rewrite the masked proposal entirely...
+  out.logprobs[1] = -5.0
+  advantages[1] = -40.0  # ...and its advantage.
+  batch2 = selfplay.training_batch(s, out, 4, np.arange(4), advantages, weights, params)
+  grads2, _ = s.grad_fn(params, batch2)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads2)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_shared_weights_update_one_pytree_with_both_roles(qwen2_dir, permissive):
+  config = tiny_config(qwen2_dir, shared_weights=True)
+  s, state = selfplay.setup(config)
+  assert set(state.params) == {"policy"}
+  before = jax.tree.map(np.asarray, state.params["policy"])
+  state, metrics, _ = selfplay.train_step(s, state, jax.random.key(1))
+  assert set(state.params) == {"policy"}
+  assert "solver/grad_norm_combined" in metrics and "proposer/grad_norm_combined" in metrics
+  after = state.params["policy"]
+  assert any(not np.array_equal(a, np.asarray(b)) for a, b in zip(jax.tree.leaves(before),
+                                                                  jax.tree.leaves(after)))
+
+
+def test_separate_roles_proposer_waits_for_its_cadence(qwen2_dir, permissive):
+  config = tiny_config(qwen2_dir, proposer_update_every=2)
+  s, state = selfplay.setup(config)
+  proposer_before = jax.tree.map(np.asarray, state.params["proposer"])
+  state, metrics, _ = selfplay.train_step(s, state, jax.random.key(1))  # step 1: solver only
+  assert "solver/grad_norm" in metrics and "proposer/grad_norm" not in metrics
+  for a, b in zip(jax.tree.leaves(proposer_before), jax.tree.leaves(state.params["proposer"])):
+    np.testing.assert_array_equal(a, np.asarray(b))
+  state, metrics, _ = selfplay.train_step(s, state, jax.random.key(2))  # step 2: both
+  assert "proposer/grad_norm" in metrics
+
+
+def test_vote_signals_on_a_hand_worked_batch():
+  ids = np.array([[0, 0, 1, -1], [0, 1, 2, 3], [-1, -1, -1, -1], [0, 0, 0, 0]], np.int32)
+  majority, k, solver_r, proposer_r, adv = selfplay.vote_signals(
+      ids, 0.5, 0.2, 1e-6, shape="sqlm", estimator="grpo", min_votes=1, break_ties=True)
+  np.testing.assert_array_equal(majority, [0, 0, -1, 0])
+  np.testing.assert_array_equal(k, [2, 1, 0, 4])
+  np.testing.assert_array_equal(solver_r, [[1, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]])
+  np.testing.assert_array_equal(proposer_r, [1, 0, 0, 0])  # only 1 < k < N
+  np.testing.assert_allclose(np.asarray(adv)[3], 0.0)  # unanimous: no signal
+  assert np.asarray(adv)[0, 0] > 0 > np.asarray(adv)[0, 2]
