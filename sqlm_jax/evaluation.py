@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from sqlm_jax import rewards
+from sqlm_jax.datasets import HELDOUT_SETS, load_heldout
 from sqlm_jax.sampling import Sampler
 from sqlm_jax.tasks.base import Proposal, Task
 from sqlm_jax.tasks.math_answers import answer_ids
@@ -73,3 +74,72 @@ def canonical_truth(task: Task, answer) -> str:
   if task.canonical_answer is not None:
     return task.canonical_answer(str(answer))
   return str(answer)
+
+
+# ---- HumanEval (coding topics) ------------------------------------------------------------------
+
+HUMANEVAL_PROMPT = """Complete the following Python function. Reply with the whole function \
+(and any imports it needs) in a single ```python code block.
+
+```python
+{prompt}```"""
+
+
+def evaluate_humaneval(params, sampler: Sampler, tokenizer: Tokenizer, task: Task,
+                       problems: Sequence[dict], key: jax.Array, pool, *, num_samples: int = 1,
+                       temperature: float = 1.0, max_new_tokens: int = 512,
+                       batch_size: int = 64) -> dict[str, float]:
+  """pass@1 (greedy) and pass@k (k = num_samples, sampled) of the solver, run in the sandbox."""
+  from sqlm_jax import humaneval
+
+  def completions(n, temp, sample_key):
+    out = []
+    for start in range(0, len(problems), batch_size):
+      chunk = problems[start:start + batch_size]
+      prompts = [encode_chat(tokenizer, [{"role": "user", "content": HUMANEVAL_PROMPT.format(
+          prompt=p["prompt"])}]) for p in chunk]
+      result = sampler(params, prompts, jax.random.fold_in(sample_key, start),
+                       max_new_tokens=max_new_tokens, num_samples=n, temperature=temp)
+      texts = [tokenizer.decode(row[:m]) for row, m in zip(result.tokens, result.lengths)]
+      out += [[task.extract_answer(t) for t in texts[i:i + n]] for i in range(0, len(texts), n)]
+    return out
+
+  greedy = humaneval.score(problems, completions(1, 0.0, key), pool, ks=(1,))
+  metrics = {"greedy_pass@1": greedy["pass@1"], "num_examples": len(problems)}
+  if num_samples > 1:
+    sampled = humaneval.score(problems, completions(num_samples, temperature,
+                                                    jax.random.fold_in(key, 1)),
+                              pool, ks=(1, num_samples))
+    metrics.update({f"sampled_{name}": value for name, value in sampled.items()
+                    if name.startswith("pass@")})
+  return metrics
+
+
+HELDOUT_NAMES = tuple(HELDOUT_SETS) + ("humaneval",)
+
+
+def load_examples(name: str, num_examples: int = 0, data_dir: Optional[str] = None) -> list[dict]:
+  """A held-out set by name: the tfds sets of sqlm_jax/datasets.py, or HumanEval's problems."""
+  if name == "humaneval":
+    from sqlm_jax import humaneval
+    examples = humaneval.load_problems()
+  else:
+    examples = load_heldout(name, data_dir or None)
+  return examples[:num_examples] if num_examples else examples
+
+
+def run_heldout(eval_config, params, sampler: Sampler, tokenizer: Tokenizer, task: Task,
+                examples: Sequence[dict], key: jax.Array, pool=None) -> dict[str, float]:
+  """The evaluation the config asks for; metric names carry a "heldout/" prefix.
+
+  `accuracy` is the headline number: greedy accuracy, or greedy pass@1 for HumanEval.
+  """
+  e = eval_config
+  common = dict(num_samples=e.num_samples, temperature=e.temperature,
+                max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
+  if e.heldout == "humaneval":
+    result = evaluate_humaneval(params, sampler, tokenizer, task, examples, key, pool, **common)
+    result["greedy_accuracy"] = result["greedy_pass@1"]
+  else:
+    result = evaluate(params, sampler, tokenizer, task, examples, key, **common)
+  return {f"heldout/{name}": value for name, value in result.items()}

@@ -19,8 +19,6 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.p
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where metrics, samples, exports go "
                                "(default: runs/<config name>).")
 
-TASKS = ("arithmetic", "algebra", "generic", "coding", "tiny_addition")
-
 
 class ConfigError(ValueError):
   """A config value that cannot work; the message names the key and the fix."""
@@ -28,7 +26,8 @@ class ConfigError(ValueError):
 
 def validate(config) -> None:
   """Raises ConfigError on the first problem found, before any model is loaded."""
-  from sqlm_jax.datasets import HELDOUT_SETS
+  from sqlm_jax.evaluation import HELDOUT_NAMES
+  from sqlm_jax.tasks import TASK_NAMES
   path = config.model.path
   if path in (None, "", config_base.REQUIRED):
     raise ConfigError("config.model.path is required: pass --config.model.path=DIR, a Hugging "
@@ -39,13 +38,13 @@ def validate(config) -> None:
   if not os.path.isfile(os.path.join(path, "config.json")):
     raise ConfigError(f"config.model.path={path!r} has no config.json; it must be a Hugging Face "
                       "checkpoint folder.")
-  _choice(config, "task.name", TASKS)
+  _choice(config, "task.name", TASK_NAMES)
   _choice(config, "rewards.proposer_shape", rewards.PROPOSER_SHAPES)
   _choice(config, "rl.advantage_estimator", rl.ADVANTAGE_ESTIMATORS)
   _choice(config, "rl.kl_estimator", rl.KL_ESTIMATORS)
   _choice(config, "rl.loss_agg", rl.LOSS_AGGREGATIONS)
   _choice(config, "rl.lr_schedule", rl.LR_SCHEDULES)
-  _choice(config, "eval.heldout", tuple(HELDOUT_SETS))
+  _choice(config, "eval.heldout", HELDOUT_NAMES)
   _choice(config, "model.dtype", ("float32", "bfloat16"))
   _choice(config, "model.param_dtype", ("float32", "bfloat16"))
   for key in ("total_steps", "rollout.prompts_per_step", "rollout.proposals_per_prompt",

@@ -25,7 +25,6 @@ import numpy as np
 import optax
 
 from sqlm_jax import checkpoints, diversity, evaluation, metrics as metrics_lib, rewards, rl
-from sqlm_jax.datasets import load_heldout
 from sqlm_jax.models import ModelConfig, forward, load_pretrained
 from sqlm_jax.sampling import SampleOutput, Sampler, bucket
 from sqlm_jax.tasks import get_task
@@ -112,11 +111,10 @@ def setup(config: ml_collections.ConfigDict) -> tuple[Setup, RunState]:
   ref_params = jax.tree.map(jnp.copy, params) if config.rl.kl_coef > 0 else None  # Frozen start.
   filtered = config.rollout.top_k > 0 or config.rollout.top_p < 1.0
   recompute = config.rl.recompute_old_logprobs or filtered
-  heldout = load_heldout(config.eval.heldout, config.eval.data_dir or None)
-  if config.eval.num_examples:
-    heldout = heldout[:config.eval.num_examples]
+  heldout = evaluation.load_examples(config.eval.heldout, config.eval.num_examples,
+                                     config.eval.data_dir)
   pool = None
-  if task.reward_kind == "tests":
+  if task.reward_kind == "tests" or config.eval.heldout == "humaneval":
     from sqlm_jax import sandbox
     pool = sandbox.SandboxPool(workers=config.sandbox.workers or None,
                                limits=sandbox.Limits(timeout_s=config.sandbox.timeout_s),
@@ -381,11 +379,8 @@ def sample_records(count, proposals, proposal_texts, questions, answers, answer_
 
 
 def evaluate(s: Setup, params, key) -> dict[str, float]:
-  e = s.config.eval
-  result = evaluation.evaluate(params, s.sampler, s.tokenizer, s.task, s.heldout, key,
-                               num_samples=e.num_samples, temperature=e.temperature,
-                               max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
-  return {f"heldout/{name}": value for name, value in result.items()}
+  return evaluation.run_heldout(s.config.eval, params, s.sampler, s.tokenizer, s.task, s.heldout,
+                                key, s.sandbox_pool)
 
 
 def step_key(seed: int, step: int) -> jax.Array:

@@ -1,0 +1,34 @@
+"""The paper's coding run: Qwen2.5-Coder-3B-Instruct writes problems with unit tests and solves them.
+
+  python -m sqlm_jax.main --config configs/coding.py --config.model.path=/ckpt/Qwen2.5-Coder-3B-Instruct
+
+The solver's programs run in the sandbox (sqlm_jax/sandbox.py, needs bubblewrap); the solver
+reward is the fraction of the proposer's 5 tests passed, the proposer's is 1 iff 0 < mean pass
+rate < 1. Evaluated on HumanEval (pass@1 greedy, pass@k sampled).
+"""
+
+from sqlm_jax.config_base import base_config
+
+
+def get_config():
+  c = base_config()
+  c.task.name = "coding"
+  c.task.topic = "Easy coding problems whose input is a single line of integers"
+  c.total_steps = 100
+  c.shared_weights = True  # The reference code trains one model in both roles.
+  c.rollout.prompts_per_step = 64
+  c.rollout.proposals_per_prompt = 4
+  c.rollout.answers_per_question = 4
+  c.rollout.max_proposal_tokens = 512
+  c.rollout.max_answer_tokens = 512
+  c.rl.learning_rate = 1e-6
+  c.rl.kl_coef = 1e-3
+  c.rl.kl_estimator = "low_var"
+  c.proposer_update_every = 5
+  c.rewards.proposer_shape = "sqlm"  # For pass rates: 1 iff 0 < p < 1.
+  c.eval.heldout = "humaneval"
+  c.eval.num_samples = 4  # pass@1 greedy and pass@4 from 4 samples.
+  c.eval.max_new_tokens = 512
+  c.eval.every = 20
+  c.sandbox.timeout_s = 5.0
+  return c
