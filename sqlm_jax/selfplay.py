@@ -431,6 +431,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   }
   with open(os.path.join(workdir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
+  from sqlm_jax.plot import draw_dashboard
+  draw_dashboard(workdir)
   if s.sandbox_pool is not None:
     s.sandbox_pool.close()
   return summary
