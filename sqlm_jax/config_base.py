@@ -83,3 +83,23 @@ def base_config() -> ml_collections.ConfigDict:
   c.sandbox.timeout_s = 5.0
   c.sandbox.allow_unsandboxed = False  # Never set on shared machines: runs model code unisolated.
   return c
+
+
+def load_config(name_or_path: str) -> ml_collections.ConfigDict:
+  """get_config() of a config file: a path, or the name of one in the repository's configs/.
+
+  For notebooks and scripts; the command line uses --config=configs/NAME.py instead.
+  """
+  import importlib.util
+  import os
+  path = name_or_path
+  if not os.path.isfile(path):
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(repo, "configs", f"{name_or_path}.py")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"No config {name_or_path!r}: pass a config file path or the name of "
+                            f"a file in {os.path.dirname(path)}.")
+  spec = importlib.util.spec_from_file_location(f"sqlm_config_{os.path.basename(path)[:-3]}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
