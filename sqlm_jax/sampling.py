@@ -61,9 +61,22 @@ def sample_token(logits: jax.Array, key: jax.Array, temperature, top_k, top_p):
   greedy = temperature <= 0
   scaled = logits / jnp.where(greedy, 1.0, temperature)
   scaled = filter_logits(scaled, top_k, top_p)
-  logp = jax.nn.log_softmax(scaled, axis=-1)
-  token = jnp.where(greedy, jnp.argmax(logits, axis=-1), jax.random.categorical(key, scaled, axis=-1))
-  return token, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
+  # A branch, not a select, so greedy decoding never draws [B, V] random numbers.
+  token = jax.lax.cond(greedy, lambda: first_argmax(logits),
+                       lambda: jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32))
+  logp = jnp.take_along_axis(scaled, token[:, None], axis=-1)[:, 0]
+  return token, logp - jax.nn.logsumexp(scaled, axis=-1)
+
+
+def first_argmax(x: jax.Array) -> jax.Array:
+  """jnp.argmax over the last axis (first index of the maximum), as two plain reductions.
+
+  XLA's CPU argmax is a (value, index) pair reduction that does not vectorise: about 5x slower
+  than a max followed by a min over the indices that attain it.
+  """
+  top = jnp.max(x, axis=-1, keepdims=True)
+  iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+  return jnp.min(jnp.where(x == top, iota, x.shape[-1]), axis=-1)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "cache_length", "num_samples"))
@@ -74,10 +87,11 @@ def prefill(params, config: ModelConfig, tokens, mask, cache_length: int, num_sa
   """
   cache = transformer.init_cache(config, tokens.shape[0], cache_length)
   positions = transformer.positions_from_mask(mask)
-  logits, cache = transformer.forward_with_cache(params, config, tokens, positions, mask, cache)
+  logits, cache = transformer.forward_with_cache(params, config, tokens, positions, mask, cache,
+                                                 last_only=True)
   repeat = lambda x, axis: jnp.repeat(x, num_samples, axis=axis) if num_samples > 1 else x
-  cache = {"k": repeat(cache["k"], 1), "v": repeat(cache["v"], 1), "mask": repeat(cache["mask"], 0),
-           "index": cache["index"]}
+  cache = {"k": tuple(repeat(k, 0) for k in cache["k"]), "v": tuple(repeat(v, 0) for v in cache["v"]),
+           "mask": repeat(cache["mask"], 0), "index": cache["index"]}
   return repeat(logits[:, -1], 0), cache, repeat(positions[:, -1], 0)
 
 
@@ -92,6 +106,7 @@ def decode(params, config: ModelConfig, cache, last_logits, last_position, num_p
   and updated in place; it is returned only so its buffer can be reused.
   """
   rows = last_logits.shape[0]
+  params = transformer.inference_params(params, config)  # Once, not per step.
 
   def choose(logits, step, done):
     token, logp = sample_token(logits, jax.random.fold_in(key, step), temperature, top_k, top_p)

@@ -5,8 +5,10 @@ Parameters are a plain nested dict whose leaves were created with logical axis n
 returns them so a mesh can shard the tree by rules. Layers are scanned (`nn.scan`), so every
 per-layer leaf has a leading `layers` axis and compile time does not grow with depth.
 
-The same forward pass serves training (no cache), prefill and one-token decode (KV cache):
-positions and the key mask are explicit, so left-padded batches are exact.
+The same layers serve training (`forward`, scanned, no cache), prefill and one-token decode
+(`forward_with_cache`, unrolled over per-layer weights and a per-layer KV cache, so that a decode
+step copies neither; its compile time does grow with depth): positions and the key mask are
+explicit, so left-padded batches are exact.
 """
 
 from __future__ import annotations
@@ -23,12 +25,25 @@ import numpy as np
 from sqlm_jax.models.config import ModelConfig
 
 Params = dict[str, Any]
-Cache = dict[str, jax.Array]  # {"k", "v": [L, B, S, K, D], "mask": [B, S] bool, "index": []}
+# {"k", "v": L arrays [B, K, S, D], "mask": [B, S] bool, "index": []}. One buffer per layer, so a
+# decode step writes its new slot in place instead of slicing a stacked cache; slots on the
+# second-last axis, so attention reads each (row, kv head) as one [S, D] matrix, untransposed.
+Cache = dict[str, Any]
 _NEG_INF = -1e30  # Finite, so fully masked rows (left padding) give uniform weights, not NaN.
 
 
 def _param(module, name, shape, axes, init, dtype):
   return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+def _einsum(spec: str, a: jax.Array, b: jax.Array, dtype) -> jax.Array:
+  """einsum that accumulates in float32 and returns dtype.
+
+  Asking for a float32 product is also what lets XLA's CPU backend multiply bfloat16 operands
+  natively; for a bfloat16 product it first widens both operands to float32 (about 1.7x
+  slower, and in a decode loop it widens the whole KV cache at every step).
+  """
+  return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(dtype)
 
 
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:
@@ -79,7 +94,7 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x, positions, key_mask, layer_cache, cache_index):
-    """x [B, T, E]; key_mask [B, T, S]; layer_cache (k, v) [B, S, K, D] or None."""
+    """x [B, T, E]; key_mask [B, T, S]; layer_cache (k, v) [B, K, S, D] or None."""
     c = self.config
     dtype, pdtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
     init = nn.initializers.normal(0.02)
@@ -89,9 +104,9 @@ class Attention(nn.Module):
     wv = _param(self, "v_proj", (e, k, d), ("embed", "kv_heads", "head_dim"), init, pdtype)
     wo = _param(self, "o_proj", (h, d, e), ("heads", "head_dim", "embed"), init, pdtype)
     x = x.astype(dtype)
-    q = jnp.einsum("bte,ehd->bthd", x, wq.astype(dtype))
-    kk = jnp.einsum("bte,ekd->btkd", x, wk.astype(dtype))
-    v = jnp.einsum("bte,ekd->btkd", x, wv.astype(dtype))
+    q = _einsum("bte,ehd->bthd", x, wq.astype(dtype), dtype)
+    kk = _einsum("bte,ekd->btkd", x, wk.astype(dtype), dtype)
+    v = _einsum("bte,ekd->btkd", x, wv.astype(dtype), dtype)
     if c.qkv_bias:
       zeros = nn.initializers.zeros
       q = q + _param(self, "q_bias", (h, d), ("heads", "head_dim"), zeros, pdtype).astype(dtype)
@@ -103,23 +118,40 @@ class Attention(nn.Module):
     inv_freq = rope_inv_freq(c)
     q, kk = apply_rope(q, positions, inv_freq), apply_rope(kk, positions, inv_freq)
 
+    kk, v = kk.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, D]
     if layer_cache is not None:  # Write the new keys/values at cache_index, attend to the cache.
-      k_cache, v_cache = layer_cache
-      kk = jax.lax.dynamic_update_slice_in_dim(k_cache, kk.astype(k_cache.dtype), cache_index, 1)
-      v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), cache_index, 1)
+      kk, v = (_write_slots(cache, new, cache_index) for cache, new in zip(layer_cache, (kk, v)))
       layer_cache = (kk, v)
 
     b, t = q.shape[:2]
     q = q.reshape(b, t, k, h // k, d)  # Grouped-query attention: G = H / K queries per kv head.
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, kk.astype(dtype)).astype(jnp.float32)
+    scores = _einsum("btkgd,bksd->bkgts", q, kk.astype(dtype), jnp.float32)
     scores = scores / math.sqrt(d)
     scores = jnp.where(key_mask[:, None, None, :, :], scores, _NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(dtype)).reshape(b, t, h, d)
-    out = jnp.einsum("bthd,hde->bte", out, wo.astype(dtype))
+    # [B, K, G, T, D], transposed after: XLA's CPU backend rejects this bfloat16 product with a
+    # float32 result if asked to write it transposed ("Unsupported element type for DotThunk").
+    out = _einsum("bkgts,bksd->bkgtd", probs, v.astype(dtype), dtype)
+    out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+    out = _einsum("bthd,hde->bte", out, wo.astype(dtype), dtype)
     if c.o_bias:
       out = out + _param(self, "o_bias", (e,), ("embed",), nn.initializers.zeros, pdtype).astype(dtype)
     return out, layer_cache
+
+
+def _write_slots(cache: jax.Array, new: jax.Array, index) -> jax.Array:
+  """Writes new [B, K, T, D] into cache [B, K, S, D] at slots [index, index + T), in place.
+
+  A 16-bit float cache is updated through its bit pattern: XLA's CPU backend widens a
+  bfloat16 dynamic_update_slice to float32 and back, which copies the whole cache each step.
+  """
+  new = new.astype(cache.dtype)
+  if cache.dtype.itemsize != 2:
+    return jax.lax.dynamic_update_slice_in_dim(cache, new, index, 2)
+  bits = lambda a, t: jax.lax.bitcast_convert_type(a, t)
+  updated = jax.lax.dynamic_update_slice_in_dim(bits(cache, jnp.uint16), bits(new, jnp.uint16),
+                                                index, 2)
+  return bits(updated, cache.dtype)
 
 
 class MLP(nn.Module):
@@ -131,14 +163,16 @@ class MLP(nn.Module):
     dtype, pdtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
     init = nn.initializers.normal(0.02)
     e, f = c.hidden_size, c.intermediate_size
-    gate = x @ _param(self, "gate_proj", (e, f), ("embed", "mlp"), init, pdtype).astype(dtype)
-    up = x @ _param(self, "up_proj", (e, f), ("embed", "mlp"), init, pdtype).astype(dtype)
+    w_gate = _param(self, "gate_proj", (e, f), ("embed", "mlp"), init, pdtype).astype(dtype)
+    w_up = _param(self, "up_proj", (e, f), ("embed", "mlp"), init, pdtype).astype(dtype)
+    gate = _einsum("bte,ef->btf", x, w_gate, dtype)
+    up = _einsum("bte,ef->btf", x, w_up, dtype)
     if c.mlp_bias:
       zeros = nn.initializers.zeros
       gate = gate + _param(self, "gate_bias", (f,), ("mlp",), zeros, pdtype).astype(dtype)
       up = up + _param(self, "up_bias", (f,), ("mlp",), zeros, pdtype).astype(dtype)
-    out = (jax.nn.silu(gate) * up) @ _param(self, "down_proj", (f, e), ("mlp", "embed"), init,
-                                            pdtype).astype(dtype)
+    w_down = _param(self, "down_proj", (f, e), ("mlp", "embed"), init, pdtype).astype(dtype)
+    out = _einsum("btf,fe->bte", jax.nn.silu(gate) * up, w_down, dtype)
     if c.mlp_bias:
       out = out + _param(self, "down_bias", (e,), ("embed",), nn.initializers.zeros,
                          pdtype).astype(dtype)
@@ -149,7 +183,7 @@ class DecoderLayer(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x, layer_cache, positions, key_mask, cache_index):
+  def __call__(self, x, positions, key_mask, layer_cache=None, cache_index=0):
     c = self.config
     dtype, pdtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
     h = RMSNorm(c.rms_norm_eps, "embed", dtype, pdtype, name="input_layernorm")(x)
@@ -160,10 +194,11 @@ class DecoderLayer(nn.Module):
 
 
 class Decoder(nn.Module):
+  """The whole model without a cache (training, init); `forward_with_cache` reuses its parts."""
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens, positions, key_mask, cache_kv=None, cache_index=0):
+  def __call__(self, tokens, positions, key_mask):
     c = self.config
     dtype, pdtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
     embedding = _param(self, "embed_tokens", (c.vocab_size, c.hidden_size), ("vocab", "embed"),
@@ -173,17 +208,20 @@ class Decoder(nn.Module):
     if c.remat:
       layer = nn.remat(layer, prevent_cse=False)
     layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
-                     in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_layers,
+                     in_axes=(nn.broadcast, nn.broadcast), length=c.num_layers,
                      metadata_params={nn.PARTITION_NAME: "layers"})
-    x, cache_kv = layers(c, name="layers")(x, cache_kv, positions, key_mask, cache_index)
+    x, _ = layers(c, name="layers")(x, positions, key_mask)
     x = RMSNorm(c.rms_norm_eps, "embed", dtype, pdtype, name="norm")(x)
     if c.tie_word_embeddings:
-      logits = jnp.einsum("bte,ve->btv", x, embedding.astype(dtype))
-    else:
-      lm_head = _param(self, "lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"),
-                       nn.initializers.normal(0.02), pdtype)
-      logits = x @ lm_head.astype(dtype)
-    return logits.astype(jnp.float32), cache_kv
+      return _logits(x, embedding.T, dtype)
+    lm_head = _param(self, "lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"),
+                     nn.initializers.normal(0.02), pdtype)
+    return _logits(x, lm_head, dtype)
+
+
+def _logits(x, head, dtype):
+  """float32 logits [B, T, V] from final hidden states [B, T, E] and the head [E, V]."""
+  return _einsum("bte,ev->btv", x, head.astype(dtype), jnp.float32)
 
 
 # ---- Functional API over plain parameter dicts ----------------------------------------------------
@@ -200,33 +238,63 @@ def forward(params: Params, config: ModelConfig, tokens: jax.Array, positions: j
   t = tokens.shape[1]
   causal = jnp.tril(jnp.ones((t, t), bool))
   key_mask = causal[None] & attention_mask.astype(bool)[:, None, :]  # [B, T, T]
-  logits, _ = Decoder(config).apply({"params": params}, tokens, positions, key_mask)
-  return logits
+  return Decoder(config).apply({"params": params}, tokens, positions, key_mask)
 
 
 def init_cache(config: ModelConfig, batch: int, length: int, dtype=None) -> Cache:
-  shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
+  shape = (batch, config.num_kv_heads, length, config.head_dim)
   dtype = jnp.dtype(dtype or config.dtype)
-  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-          "mask": jnp.zeros((batch, length), bool), "index": jnp.zeros((), jnp.int32)}
+  zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+  return {"k": zeros, "v": zeros, "mask": jnp.zeros((batch, length), bool),
+          "index": jnp.zeros((), jnp.int32)}
+
+
+def inference_params(params: Params, config: ModelConfig) -> Params:
+  """The parameters as `forward_with_cache` uses them: one tree per layer, in the compute dtype.
+
+  Call it once, outside a decode loop. XLA on CPU copies every weight it slices out of a
+  stacked [L, ...] array (static slices too) and does not hoist those copies out of a loop, so
+  stacked parameters would cost a full copy of the model per generated token. The price is one
+  extra copy of the weights (in the compute dtype) while they are in use.
+  """
+  if isinstance(params["layers"], (tuple, list)):
+    return params  # Already per layer.
+  cast = lambda tree: jax.tree.map(lambda p: p.astype(config.dtype), tree)
+  layers = tuple(cast(jax.tree.map(lambda p: p[i], params["layers"]))
+                 for i in range(config.num_layers))
+  return {**cast({k: v for k, v in params.items() if k != "layers"}), "layers": layers}
 
 
 def forward_with_cache(params: Params, config: ModelConfig, tokens: jax.Array,
-                       positions: jax.Array, attention_mask: jax.Array,
-                       cache: Cache) -> tuple[jax.Array, Cache]:
+                       positions: jax.Array, attention_mask: jax.Array, cache: Cache,
+                       last_only: bool = False) -> tuple[jax.Array, Cache]:
   """Runs T new tokens [B, T] through the cache (prefill when T > 1, decode when T == 1).
 
   The new keys go to slots [index, index + T); query i sees every valid slot up to its own.
+  params: stacked or from `inference_params` (faster in a loop). Returns float32 logits
+  [B, T, V], or only the last position's [B, 1, V] with last_only (what prefill needs).
   """
+  params = inference_params(params, config)
   t, s = tokens.shape[1], cache["mask"].shape[1]
   index = cache["index"]
   mask = jax.lax.dynamic_update_slice_in_dim(cache["mask"], attention_mask.astype(bool), index, 1)
   query_slots = index + jnp.arange(t)
   causal = jnp.arange(s)[None, :] <= query_slots[:, None]  # [T, S]
   key_mask = causal[None] & mask[:, None, :]  # [B, T, S]
-  logits, (k, v) = Decoder(config).apply({"params": params}, tokens, positions, key_mask,
-                                         (cache["k"], cache["v"]), index)
-  return logits, {"k": k, "v": v, "mask": mask, "index": index + t}
+  x = jnp.take(params["embed_tokens"], tokens, axis=0).astype(config.dtype)
+  layer = DecoderLayer(config)
+  ks, vs = [], []
+  for layer_params, k, v in zip(params["layers"], cache["k"], cache["v"]):
+    x, (k, v) = layer.apply({"params": layer_params}, x, positions, key_mask, (k, v), index)
+    ks.append(k)
+    vs.append(v)
+  if last_only:
+    x = x[:, -1:]
+  x = RMSNorm(config.rms_norm_eps, "embed", config.dtype, config.param_dtype).apply(
+      {"params": params["norm"]}, x)
+  head = params["embed_tokens"].T if config.tie_word_embeddings else params["lm_head"]
+  return _logits(x, head, config.dtype), {"k": tuple(ks), "v": tuple(vs), "mask": mask,
+                                          "index": index + t}
 
 
 def init_params(config: ModelConfig, key: jax.Array) -> Params:
