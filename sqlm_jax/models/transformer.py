@@ -132,8 +132,10 @@ class Attention(nn.Module):
     # [B, K, G, T, D], transposed after: XLA's CPU backend rejects this bfloat16 product with a
     # float32 result if asked to write it transposed ("Unsupported element type for DotThunk").
     out = _einsum("bkgts,bksd->bkgtd", probs, v.astype(dtype), dtype)
-    out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
-    out = _einsum("bthd,hde->bte", out, wo.astype(dtype), dtype)
+    out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, h * d)
+    # Heads and head_dim flattened first: contracting over (h, d) as two axes, XLA's CPU backend
+    # transposed this activation (and in float32 the weight too) to (d, h) at every decode step.
+    out = _einsum("btf,fe->bte", out, wo.astype(dtype).reshape(h * d, e), dtype)
     if c.o_bias:
       out = out + _param(self, "o_bias", (e,), ("embed",), nn.initializers.zeros, pdtype).astype(dtype)
     return out, layer_cache
