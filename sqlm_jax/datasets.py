@@ -3,8 +3,10 @@
   multiplication3    "What is 487 * 319?": three-digit times three-digit, integer answers.
   linear_equations   one- and two-unknown linear equations with integer coefficients and a
                      unique rational solution, in the style of OMEGA's linear equations.
+  addition4          four-digit plus four-digit addition in the tiny_addition topic's
+                     compact format ("4321+8765", answer "6912"), for the tiny CPU models.
 
-Both are generated, not downloaded: a fixed seed (HELDOUT_SEED) drives Python's
+All are generated, not downloaded: a fixed seed (HELDOUT_SEED) drives Python's
 `random.Random`, which nothing in training touches (training randomness is a JAX key derived
 from the config's seed), so the sets are identical on every machine and every run. Training
 never reads them: self-play learns from its own proposals only, and these sets exist for
@@ -24,7 +26,7 @@ from typing import Optional
 import numpy as np
 import tensorflow_datasets as tfds
 
-from sqlm_jax.tasks import math_answers
+from sqlm_jax.tasks import math_answers, tiny_addition
 
 # Far from the small integers configs use as seeds; offsets give each set its own stream.
 HELDOUT_SEED = 7_340_117
@@ -44,6 +46,24 @@ def multiplication_examples(num_examples: int, seed: int) -> list[dict]:
     pairs.setdefault((rng.randint(100, 999), rng.randint(100, 999)))
   return [{"question": f"What is {a} * {b}?", "answer": str(a * b),
            "answer_digits": len(str(a * b))} for a, b in pairs]
+
+
+def addition_examples(num_examples: int, seed: int, digits: int = 4) -> list[dict]:
+  """Distinct questions a + b with two operands of exactly `digits` digits (no leading zero).
+
+  The question is in the tiny_addition topic's format; the answer is the sum in ordinary
+  decimal, which is what tiny_addition.extract_answer returns.
+  """
+  if not 1 <= digits <= tiny_addition.WIDTH:
+    raise ValueError(f"digits={digits}: the tiny_addition format holds 1 to "
+                     f"{tiny_addition.WIDTH} digits.")
+  rng = random.Random(seed)
+  low, high = 10 ** (digits - 1), 10**digits - 1
+  pairs: dict[tuple[int, int], None] = {}  # insertion-ordered set
+  while len(pairs) < num_examples:
+    pairs.setdefault((rng.randint(low, high), rng.randint(low, high)))
+  return [{"question": tiny_addition.format_question(a, b), "answer": str(a + b),
+           "digits": digits} for a, b in pairs]
 
 
 def _linear_side(terms: list[tuple[int, str]], constant: int) -> str:
@@ -173,7 +193,29 @@ class LinearEquations(_GeneratedBuilder):
     return linear_equation_examples(NUM_EXAMPLES, HELDOUT_SEED + 2)
 
 
-HELDOUT_SETS = {"multiplication3": Multiplication3, "linear_equations": LinearEquations}
+class Addition4(_GeneratedBuilder):
+  """Four-digit addition for the tiny CPU models, in the tiny_addition topic's format."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "500 distinct sums of two 4-digit numbers, seed HELDOUT_SEED + 3."}
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description="Held-out 4-digit + 4-digit addition, digits reversed (generated).",
+        features=tfds.features.FeaturesDict({
+            "question": tfds.features.Text(),
+            "answer": tfds.features.Text(),
+            "digits": np.int32,
+        }),
+    )
+
+  def _examples(self) -> list[dict]:
+    return addition_examples(NUM_EXAMPLES, HELDOUT_SEED + 3)
+
+
+HELDOUT_SETS = {"multiplication3": Multiplication3, "linear_equations": LinearEquations,
+                "addition4": Addition4}
 
 
 def default_data_dir() -> str:

@@ -6,7 +6,7 @@ import importlib
 
 from sqlm_jax.tasks.base import Proposal, Task
 
-TASK_NAMES = ("arithmetic", "algebra", "generic", "coding")
+TASK_NAMES = ("arithmetic", "algebra", "generic", "coding", "tiny_addition")
 
 
 def get_task(name: str) -> Task:
@@ -26,6 +26,9 @@ def get_task(name: str) -> Task:
     return generic.make_task()
   if name == "coding":
     return _coding_task()
+  if name == "tiny_addition":
+    from sqlm_jax.tasks import tiny_addition
+    return tiny_addition.TASK
   raise ValueError(f"unknown task {name!r}; valid names are {', '.join(TASK_NAMES)}")
 
 
@@ -36,5 +39,5 @@ def _coding_task() -> Task:
     if error.name != "sqlm_jax.tasks.coding":
       raise
     raise ValueError("task 'coding' needs sqlm_jax/tasks/coding.py, which this checkout lacks; "
-                     "use one of arithmetic, algebra, generic") from error
+                     "use one of arithmetic, algebra, generic, tiny_addition") from error
   return coding.TASK

@@ -1,0 +1,308 @@
+"""Pretrains the tiny char model that stands in for a base LM on the tiny_addition topic.
+
+  python -m sqlm_jax.pretrain_tiny --out sqlm_jax/assets/tiny_addition
+
+Self-play needs a base that already knows the format and is mediocre at the target skill,
+the way an instruct model is at 3-digit multiplication. The corpus is generated here from a
+fixed seed and stands in for that prior knowledge:
+  - answered problems with 1- to 3-digit operands ("4321+8765=21960" and smaller widths),
+  - a few answered 4-digit problems (`--four_digit_fraction`), so that the base is mediocre
+    at 4 digits (the held-out set addition4) rather than at 0 or 100 %,
+  - unanswered questions after the proposer marker ("?4321+8765"), 1 to 5 digits, so that
+    the base can propose.
+No held-out or dev problem is ever in the corpus. The learning rate decays to zero, so the
+base is settled: at a constant rate, held-out accuracy swings by tens of points between
+neighbouring steps, and a self-play gain would be hard to tell from that noise.
+
+Writes a Hugging Face checkpoint (config.json, model.safetensors), char_tokenizer.json and
+pretrain_summary.json (the arguments and the dev metrics) into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import json
+import os
+import random
+import time
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from sqlm_jax import datasets
+from sqlm_jax.models import ModelConfig, forward, init_params, save_pretrained
+from sqlm_jax.sampling import Sampler
+from sqlm_jax.tasks import tiny_addition
+from sqlm_jax.tokenizer import CharTokenizer
+
+# Dev problems: 4-digit like addition4 but another stream, for choosing corpus and steps.
+DEV_SEED = datasets.HELDOUT_SEED + 1003
+EVAL_DIGITS = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class CorpusSpec:
+  """What the base has seen. Sizes are digits of the numbers; every question is 4 wide."""
+
+  answered_digits: tuple[int, ...] = (1, 2, 3)
+  four_digit_fraction: float = 0.02  # of all documents: answered 4-digit problems
+  question_fraction: float = 0.2  # of all documents: "?" + question, no answer
+  question_digits: tuple[int, ...] = (1, 2, 3, 4)
+
+  @staticmethod
+  def max_length() -> int:
+    """Tokens in the longest document: an answered problem with its eos."""
+    return len(tiny_addition.format_question(0, 0)) + 1 + tiny_addition.MAX_ANSWER_TOKENS
+
+
+def _number(rng: random.Random, digits: int) -> int:
+  """A number of exactly `digits` digits (0 counts as one digit)."""
+  return rng.randrange(10 ** (digits - 1) if digits > 1 else 0, 10**digits)
+
+
+def _operands(rng: random.Random, digits: int) -> tuple[int, int]:
+  """Two numbers, the larger of exactly `digits` digits and the other of 1 to `digits`.
+
+  Mixed sizes (347 + 5) matter for learning, not only for variety: where one operand has
+  no digit, the answer digit is a copy of the other's, which teaches the model where to
+  look before it can add. With equal sizes only, no single operand digit says anything
+  about its answer digit, and a 4-layer model sits on a long plateau.
+  """
+  pair = (_number(rng, digits), _number(rng, rng.randint(1, digits)))
+  return pair if rng.random() < 0.5 else pair[::-1]
+
+
+def make_document(rng: random.Random, spec: CorpusSpec, excluded: frozenset) -> str:
+  """One corpus document (without eos): an answered problem or a proposer-style question."""
+  draw = rng.random()
+  if draw < spec.question_fraction:
+    question = tiny_addition.format_question(*_operands(rng, rng.choice(spec.question_digits)))
+    return tiny_addition.PROPOSER_MARKER + question
+  four = draw < spec.question_fraction + spec.four_digit_fraction
+  digits = 4 if four else rng.choice(spec.answered_digits)
+  while True:
+    a, b = _operands(rng, digits)
+    if (a, b) not in excluded:
+      return (tiny_addition.format_question(a, b) + tiny_addition.ANSWER_MARKER
+              + tiny_addition.format_answer(a + b))
+
+
+def encode_documents(tokenizer: CharTokenizer, texts: Sequence[str],
+                     length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Right-padded rows [B, length] with eos appended, their mask, and which targets to score.
+
+  An answered problem scores only its answer and eos: its operands are random digits, whose
+  loss cannot fall and only adds noise. A proposer-style question scores every token, since
+  writing questions is what it teaches.
+  """
+  tokens = np.full((len(texts), length), tokenizer.pad_id, np.int32)
+  scored = np.zeros((len(texts), length), bool)
+  for row, text in enumerate(texts):
+    ids = tokenizer.encode(text) + [tokenizer.eos_id]
+    if len(ids) > length:
+      raise ValueError(f"document {text!r} has {len(ids)} tokens, more than length={length}.")
+    tokens[row, :len(ids)] = ids
+    first = text.find(tiny_addition.ANSWER_MARKER) + 1  # 0 for a question: score it all
+    scored[row, max(first, 1):len(ids)] = True
+  return tokens, tokens != tokenizer.pad_id, scored
+
+
+def model_config(layers: int, hidden: int, heads: int, vocab_size: int) -> ModelConfig:
+  """A Llama-architecture decoder; head_dim = hidden / heads, MLP 3x wide, untied head."""
+  if hidden % heads:
+    raise ValueError(f"--hidden={hidden} must be a multiple of --heads={heads}.")
+  return ModelConfig(model_type="llama", vocab_size=vocab_size, hidden_size=hidden,
+                     intermediate_size=3 * hidden, num_layers=layers, num_heads=heads,
+                     num_kv_heads=heads, head_dim=hidden // heads, rms_norm_eps=1e-6,
+                     max_position_embeddings=64, eos_token_id=(1,), pad_token_id=0)
+
+
+def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation):
+  """Jitted next-token cross-entropy step; `scored` [B, T] marks the target tokens to learn."""
+
+  def loss_fn(params, tokens, mask, scored):
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    logits = forward(params, config, tokens, positions, mask)[:, :-1]
+    targets, weights = tokens[:, 1:], scored[:, 1:].astype(jnp.float32)
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    return jnp.sum(nll * weights) / jnp.sum(weights)
+
+  @jax.jit
+  def step(params, opt_state, tokens, mask, scored):
+    loss, grads = jax.value_and_grad(loss_fn)(params, tokens, mask, scored)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return step
+
+
+def make_optimizer(lr: float, steps: int, warmup: int, weight_decay: float,
+                   decay_fraction: float = 0.3, max_grad_norm: float = 1.0):
+  """AdamW: linear warm-up, constant, then a linear decay to zero over the last steps.
+
+  The rate stays high through the long plateau before addition is learned (a cosine decay
+  shrinks it there and delays the jump by hundreds of steps); the final decay settles it.
+  """
+  decay = max(1, int(steps * decay_fraction))
+  warmup = min(warmup, steps - decay)
+  schedule = optax.join_schedules([
+      optax.linear_schedule(0.0, lr, max(warmup, 1)),
+      optax.constant_schedule(lr),
+      optax.linear_schedule(lr, 0.0, decay)], [warmup, steps - decay])
+  clip = optax.clip_by_global_norm(max_grad_norm) if max_grad_norm else optax.identity()
+  return optax.chain(clip, optax.adamw(schedule, weight_decay=weight_decay,
+                                 mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)))
+
+
+# ---- Evaluation -------------------------------------------------------------------------------
+
+
+def _answers(sampler: Sampler, tokenizer: CharTokenizer, params, questions: Sequence[str],
+             key, num_samples: int, temperature: float) -> list[list[Optional[str]]]:
+  """answers[q][n]: extracted answers of N samples per question."""
+  task = tiny_addition.TASK
+  prompts = [tokenizer.encode(tokenizer.format_chat(
+      task.solver_messages(task.parse_proposal(question)))) for question in questions]
+  out = sampler(params, prompts, key, max_new_tokens=tiny_addition.MAX_ANSWER_TOKENS,
+                num_samples=num_samples, temperature=temperature)
+  texts = [tokenizer.decode(row[:length]) for row, length in zip(out.tokens, out.lengths)]
+  return [[task.extract_answer(t) for t in texts[q * num_samples:(q + 1) * num_samples]]
+          for q in range(len(questions))]
+
+
+def _vote(answers: Sequence[Optional[str]]) -> Optional[str]:
+  """The most frequent parseable answer (ties: the one seen first)."""
+  counts = collections.Counter(a for a in answers if a is not None)
+  return max(counts, key=counts.get) if counts else None
+
+
+def accuracy(sampler, tokenizer, params, examples: Sequence[dict], key, num_samples: int = 1,
+             temperature: float = 0.0) -> float:
+  """Fraction of examples whose answer (the majority of N samples when N > 1) is right."""
+  answers = _answers(sampler, tokenizer, params, [e["question"] for e in examples], key,
+                     num_samples, temperature)
+  return float(np.mean([_vote(a) == e["answer"] for a, e in zip(answers, examples)]))
+
+
+def proposal_stats(sampler, tokenizer, params, key, num_samples: int = 256,
+                   temperature: float = 1.0) -> dict:
+  """Valid rate and width histogram of questions sampled from the proposer marker."""
+  task = tiny_addition.TASK
+  prompt = tokenizer.encode(tokenizer.format_chat(task.proposer_messages(task.default_topic)))
+  out = sampler(params, [prompt], key, max_new_tokens=tiny_addition.MAX_QUESTION_TOKENS,
+                num_samples=num_samples, temperature=temperature)
+  proposals = [task.parse_proposal(tokenizer.decode(row[:length]))
+               for row, length in zip(out.tokens, out.lengths)]
+  widths = collections.Counter(int(task.difficulty(p)) for p in proposals if p.valid)
+  return {"valid_rate": float(np.mean([p.valid for p in proposals])),
+          "widths": {str(w): widths[w] for w in sorted(widths)},
+          "distinct": len({p.question for p in proposals if p.valid})}
+
+
+# ---- Pretraining ------------------------------------------------------------------------------
+
+
+def pretrain(out: str, steps: int = 1200, batch_size: int = 128, lr: float = 1e-3,
+             warmup: int = 50, weight_decay: float = 0.01, seed: int = 0, layers: int = 4,
+             hidden: int = 128, heads: int = 4, spec: CorpusSpec = CorpusSpec(),
+             eval_every: int = 0, dev_examples: int = 300, heldout_data_dir: Optional[str] = None,
+             log=print) -> dict:
+  """Trains from scratch, writes the checkpoint folder and returns a summary dict."""
+  if steps < 2:
+    raise ValueError(f"--steps={steps}: needs at least 2 steps for the warm-up and decay.")
+  start = time.time()
+  tokenizer = CharTokenizer(tiny_addition.CHARS)
+  config = model_config(layers, hidden, heads, tokenizer.vocab_size)
+  params = init_params(config, jax.random.key(seed))
+  optimizer = make_optimizer(lr, steps, warmup, weight_decay)
+  opt_state = optimizer.init(params)
+  train_step = make_train_step(config, optimizer)
+
+  heldout = datasets.addition_examples(datasets.NUM_EXAMPLES, datasets.HELDOUT_SEED + 3)
+  heldout_questions = {e["question"] for e in heldout}
+  dev = [e for e in datasets.addition_examples(dev_examples + len(heldout), DEV_SEED)
+         if e["question"] not in heldout_questions][:dev_examples]
+  excluded = frozenset(tiny_addition.operands(e["question"]) for e in heldout + dev)
+  rng = random.Random(seed)
+  sampler = Sampler(config, tokenizer.pad_id, tokenizer.stop_ids)
+  eval_key = jax.random.key(seed + 1)
+
+  history = []
+  for step in range(steps):
+    texts = [make_document(rng, spec, excluded) for _ in range(batch_size)]
+    tokens, mask, scored = encode_documents(tokenizer, texts, spec.max_length())
+    params, opt_state, loss = train_step(params, opt_state, tokens, mask, scored)
+    if step % 50 == 0 or step == steps - 1:
+      history.append((step, float(loss)))
+      log(f"step {step:5d}  loss {float(loss):.4f}  {time.time() - start:6.1f}s")
+    if eval_every and step % eval_every == eval_every - 1 and step != steps - 1:
+      log(f"step {step:5d}  dev greedy {accuracy(sampler, tokenizer, params, dev, eval_key):.3f}")
+  train_seconds = time.time() - start
+
+  metrics = {"dev_greedy": accuracy(sampler, tokenizer, params, dev, eval_key)}
+  for temperature in (0.5, 0.7, 1.0):
+    metrics[f"dev_majority8_t{temperature}"] = accuracy(sampler, tokenizer, params, dev,
+                                                        eval_key, 8, temperature)
+  metrics["proposals_t1.0"] = proposal_stats(sampler, tokenizer, params, eval_key)
+  if heldout_data_dir is not None:  # Reported once for the finished base; never for tuning.
+    examples = datasets.load_heldout("addition4", heldout_data_dir)
+    metrics["heldout_greedy"] = accuracy(sampler, tokenizer, params, examples, eval_key)
+    metrics["heldout_majority8_t0.7"] = accuracy(sampler, tokenizer, params, examples,
+                                                 eval_key, 8, 0.7)
+  log(json.dumps(metrics))
+
+  save_pretrained(out, config, params)
+  tokenizer.save(out)
+  summary = {"steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup,
+             "weight_decay": weight_decay, "seed": seed, "corpus": dataclasses.asdict(spec),
+             "num_params": config.num_params(), "train_seconds": round(train_seconds, 1),
+             "loss_history": history, "metrics": metrics}
+  with open(os.path.join(out, "pretrain_summary.json"), "w") as f:
+    json.dump(summary, f, indent=2)
+  return summary
+
+
+def _digits(text: str) -> tuple[int, ...]:
+  return tuple(int(w) for w in text.split(","))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--out", required=True, help="checkpoint folder to write")
+  parser.add_argument("--steps", type=int, default=1200)
+  parser.add_argument("--batch_size", type=int, default=128)
+  parser.add_argument("--lr", type=float, default=1e-3)
+  parser.add_argument("--warmup", type=int, default=50)
+  parser.add_argument("--weight_decay", type=float, default=0.01)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--layers", type=int, default=4)
+  parser.add_argument("--hidden", type=int, default=128)
+  parser.add_argument("--heads", type=int, default=4)
+  parser.add_argument("--answered_digits", type=_digits, default=CorpusSpec.answered_digits,
+                      help="comma-separated sizes (digits) of answered problems")
+  parser.add_argument("--four_digit_fraction", type=float,
+                      default=CorpusSpec.four_digit_fraction)
+  parser.add_argument("--question_fraction", type=float, default=CorpusSpec.question_fraction)
+  parser.add_argument("--question_digits", type=_digits, default=CorpusSpec.question_digits)
+  parser.add_argument("--eval_every", type=int, default=0, help="dev greedy accuracy every N steps")
+  parser.add_argument("--dev_examples", type=int, default=300)
+  parser.add_argument("--heldout_data_dir", default=None,
+                      help="also report addition4 accuracy (tfds data dir; '' = the default)")
+  args = parser.parse_args(argv)
+  spec = CorpusSpec(args.answered_digits, args.four_digit_fraction, args.question_fraction,
+                    args.question_digits)
+  heldout_dir = args.heldout_data_dir
+  if heldout_dir == "":
+    heldout_dir = datasets.default_data_dir()
+  return pretrain(args.out, args.steps, args.batch_size, args.lr, args.warmup,
+                  args.weight_decay, args.seed, args.layers, args.hidden, args.heads, spec,
+                  args.eval_every, args.dev_examples, heldout_dir)
+
+
+if __name__ == "__main__":
+  main()
