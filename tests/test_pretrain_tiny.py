@@ -1,0 +1,67 @@
+"""Pretraining the tiny base: a short run learns, its folder loads, the corpus stays clean."""
+
+import json
+import random
+
+import numpy as np
+
+from sqlm_jax import datasets, pretrain_tiny
+from sqlm_jax.models import load_pretrained
+from sqlm_jax.tasks import tiny_addition
+from sqlm_jax.tokenizer import CharTokenizer, load_tokenizer
+
+
+def test_short_run_lowers_the_loss_and_writes_a_loadable_checkpoint(tmp_path):
+  out = str(tmp_path / "tiny")
+  summary = pretrain_tiny.main(["--out", out, "--steps", "60", "--batch_size", "32",
+                                "--lr", "3e-3", "--layers", "2", "--hidden", "32", "--heads", "2",
+                                "--dev_examples", "20"])
+  losses = [loss for _, loss in summary["loss_history"]]
+  assert losses[-1] < 0.7 * losses[0], losses
+  config, params = load_pretrained(out)
+  tokenizer = load_tokenizer(out)
+  assert isinstance(tokenizer, CharTokenizer) and tokenizer.chars == tiny_addition.CHARS
+  assert config.vocab_size == tokenizer.vocab_size
+  assert config.num_layers == 2 and config.hidden_size == 32
+  assert params["embed_tokens"].shape == (tokenizer.vocab_size, 32)
+  with open(tmp_path / "tiny" / "pretrain_summary.json") as f:
+    assert json.load(f)["steps"] == 60
+  assert 0.0 <= summary["metrics"]["dev_greedy"] <= 1.0
+
+
+def test_corpus_skips_excluded_problems():
+  """One-digit problems, all 100 pairs but (3, 4) excluded: only 3 + 4 may appear."""
+  spec = pretrain_tiny.CorpusSpec(answered_digits=(1,), four_digit_fraction=0.0,
+                                  question_fraction=0.0)
+  excluded = frozenset((a, b) for a in range(10) for b in range(10)) - {(3, 4)}
+  rng = random.Random(0)
+  texts = {pretrain_tiny.make_document(rng, spec, excluded) for _ in range(50)}
+  assert texts == {"3000+4000=70000"}
+
+
+def test_heldout_and_dev_sets_are_disjoint_and_excluded():
+  heldout, dev, excluded = pretrain_tiny.evaluation_sets(300)
+  assert len(dev) == 300 and len(heldout) == datasets.NUM_EXAMPLES
+  assert not {e["question"] for e in dev} & {e["question"] for e in heldout}
+  assert excluded == {tiny_addition.operands(e["question"]) for e in heldout + dev}
+
+
+def test_documents_are_well_formed_and_scored_where_they_teach():
+  spec = pretrain_tiny.CorpusSpec(question_fraction=0.5, four_digit_fraction=0.1)
+  rng = random.Random(1)
+  texts = [pretrain_tiny.make_document(rng, spec, frozenset()) for _ in range(400)]
+  task = tiny_addition.TASK
+  for text in texts:
+    if text.startswith(tiny_addition.PROPOSER_MARKER):
+      assert task.parse_proposal(text[1:]).valid
+    else:
+      question, answer = text.split(tiny_addition.ANSWER_MARKER)
+      assert task.extract_answer(answer) == task.true_answer(task.parse_proposal(question))
+  assert 150 < sum(t.startswith("?") for t in texts) < 250
+  tokenizer = CharTokenizer(tiny_addition.CHARS)
+  tokens, mask, scored = pretrain_tiny.encode_documents(
+      tokenizer, ["4321+8765=21960", "?2100+7000"], spec.max_length())
+  assert tokens.shape == (2, 16) and mask.sum() == 16 + 11
+  # Answered: the answer and eos. Question: everything after the marker, eos included.
+  np.testing.assert_array_equal(np.nonzero(scored[0])[0], np.arange(10, 16))
+  np.testing.assert_array_equal(np.nonzero(scored[1])[0], np.arange(1, 11))
