@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from sqlm_jax import config_base, rewards, rl
@@ -78,6 +78,7 @@ def _choice(config, dotted: str, choices) -> None:
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  logging.set_verbosity(logging.WARNING)  # Keep the console to the run's own summary lines.
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config is required, e.g. --config configs/tiny.py")
