@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from sqlm_jax.models.transformer import positions_from_mask  # noqa: F401 (re-exported)
+
 ADVANTAGE_ESTIMATORS = ("grpo", "rloo", "drgrpo")
 KL_ESTIMATORS = ("k1", "k3", "low_var")
 LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
@@ -167,12 +169,6 @@ def group_advantages(rewards, estimator="grpo", eps=1e-6, mask=None):
 
 # ---------------------------------------------------------------------------------------------
 # Log-probs
-
-
-def positions_from_mask(attention_mask):
-  """int [B, T]: position ids for left-padded rows (0 at the first real token)."""
-  attention_mask = jnp.asarray(attention_mask, jnp.int32)
-  return jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
 
 
 def token_logprobs(logits, tokens, temperature=1.0):
