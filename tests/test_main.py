@@ -28,6 +28,7 @@ def run_main(*args, timeout=600):
     ("configs/algebra.py", []),
     ("configs/arithmetic.py", ["--config.task.name=generic",
                                "--config.task.topic=Probability of dice rolls"]),
+    ("configs/coding.py", []),  # Programs run in the sandbox; evaluated on HumanEval.
 ])
 def test_main_runs_steps_and_writes_metrics(qwen2_dir, tmp_path, config, extra):
   result = run_main("--config", config, f"--config.model.path={qwen2_dir}",
@@ -36,7 +37,7 @@ def test_main_runs_steps_and_writes_metrics(qwen2_dir, tmp_path, config, extra):
   records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   step1 = [r for r in records if r["step"] == 1][0]
   for key in ("step", "solver_reward", "proposer_reward", "valid_proposal_rate",
-              "pseudo_label_accuracy", "heldout/greedy_accuracy", "heldout/majority_accuracy"):
+              "pseudo_label_accuracy", "heldout/greedy_accuracy"):
     assert key in step1, key
   summary = json.load(open(tmp_path / "summary.json"))
   assert {"base_accuracy", "final_accuracy", "heldout_set", "heldout_size"} <= set(summary)
