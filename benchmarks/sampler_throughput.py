@@ -68,6 +68,11 @@ def make_prompts(args):
   return [rng.integers(1, args.vocab, n).tolist() for n in lengths]
 
 
+def usable_cpus():
+  """os.cpu_count(), unless the process is pinned to fewer (e.g. by taskset)."""
+  return len(os.sched_getaffinity(0))
+
+
 def peak_rss_mib():
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB.
 
@@ -78,7 +83,7 @@ def peak_rss_mib():
 def transformers_generator(args, prompts, dtype):
   import torch
   from transformers import AutoModelForCausalLM
-  torch.set_num_threads(os.cpu_count())
+  torch.set_num_threads(usable_cpus())
   model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=getattr(torch, dtype)).eval()
   width = max(len(p) for p in prompts)
   ids = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -200,15 +205,15 @@ def main():
     with open(files["prompts"], "w") as f:
       json.dump(prompts, f)
     lengths = [len(p) for p in prompts]
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, load average "
-          f"{os.getloadavg()[0]:.2f} at start; python {platform.python_version()}")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs ({usable_cpus()} usable here), "
+          f"load average {os.getloadavg()[0]:.2f} at start; python {platform.python_version()}")
     print(f"model: Qwen2, {num_params / 1e6:.1f}M parameters: vocab {args.vocab}, hidden "
           f"{args.hidden}, mlp {args.intermediate}, {args.layers} layers, "
           f"{args.hidden // args.head_dim} heads / {args.hidden // args.head_dim // args.gqa} kv "
           f"heads of {args.head_dim}, untied head")
     print(f"workload: batch {args.batch}, prompts of {min(lengths)}-{max(lengths)} tokens "
           f"(left-padded), greedy, {args.new_tokens} new tokens per row; torch threads = "
-          f"{os.cpu_count()}; one warm-up call per side, then {args.runs} interleaved rounds")
+          f"{usable_cpus()}; one warm-up call per side, then {args.runs} interleaved rounds")
 
     workers = [Worker(side, dtype, args, files) for side, dtype in SIDES]
     loaded, first = {}, {}
