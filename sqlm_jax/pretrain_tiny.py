@@ -207,6 +207,15 @@ def proposal_stats(sampler, tokenizer, params, key, num_samples: int = 256,
 # ---- Pretraining ------------------------------------------------------------------------------
 
 
+def evaluation_sets(dev_examples: int) -> tuple[list[dict], list[dict], frozenset]:
+  """(held-out addition4, dev set disjoint from it, operand pairs the corpus must skip)."""
+  heldout = datasets.addition_examples(datasets.NUM_EXAMPLES, datasets.HELDOUT_SEED + 3)
+  heldout_questions = {e["question"] for e in heldout}
+  dev = [e for e in datasets.addition_examples(dev_examples + len(heldout), DEV_SEED)
+         if e["question"] not in heldout_questions][:dev_examples]
+  return heldout, dev, frozenset(tiny_addition.operands(e["question"]) for e in heldout + dev)
+
+
 def pretrain(out: str, steps: int = 1200, batch_size: int = 128, lr: float = 1e-3,
              warmup: int = 50, weight_decay: float = 0.01, seed: int = 0, layers: int = 4,
              hidden: int = 128, heads: int = 4, spec: CorpusSpec = CorpusSpec(),
@@ -223,11 +232,7 @@ def pretrain(out: str, steps: int = 1200, batch_size: int = 128, lr: float = 1e-
   opt_state = optimizer.init(params)
   train_step = make_train_step(config, optimizer)
 
-  heldout = datasets.addition_examples(datasets.NUM_EXAMPLES, datasets.HELDOUT_SEED + 3)
-  heldout_questions = {e["question"] for e in heldout}
-  dev = [e for e in datasets.addition_examples(dev_examples + len(heldout), DEV_SEED)
-         if e["question"] not in heldout_questions][:dev_examples]
-  excluded = frozenset(tiny_addition.operands(e["question"]) for e in heldout + dev)
+  _, dev, excluded = evaluation_sets(dev_examples)
   rng = random.Random(seed)
   sampler = Sampler(config, tokenizer.pad_id, tokenizer.stop_ids)
   eval_key = jax.random.key(seed + 1)
