@@ -20,6 +20,11 @@ from sqlm_jax.tasks.math_answers import answer_ids
 from sqlm_jax.tokenizer import Tokenizer, encode_chat
 
 
+def decode_rows(tokenizer: Tokenizer, out) -> list[str]:
+  """The text of every completion row of a SampleOutput (up to its length)."""
+  return [tokenizer.decode(row[:n]) for row, n in zip(out.tokens, out.lengths)]
+
+
 def solve(params, sampler: Sampler, tokenizer: Tokenizer, task: Task, questions: Sequence[str],
           key: jax.Array, *, num_samples: int, temperature: float, max_new_tokens: int,
           batch_size: int, top_k: int = 0, top_p: float = 1.0) -> list[list[Optional[str]]]:
@@ -30,7 +35,7 @@ def solve(params, sampler: Sampler, tokenizer: Tokenizer, task: Task, questions:
     prompts = [encode_chat(tokenizer, task.solver_messages(Proposal(q))) for q in chunk]
     out = sampler(params, prompts, jax.random.fold_in(key, start), max_new_tokens=max_new_tokens,
                   num_samples=num_samples, temperature=temperature, top_k=top_k, top_p=top_p)
-    texts = [tokenizer.decode(row[:n]) for row, n in zip(out.tokens, out.lengths)]
+    texts = decode_rows(tokenizer, out)
     answers += [[task.extract_answer(t) for t in texts[i:i + num_samples]]
                 for i in range(0, len(texts), num_samples)]
   return answers
@@ -100,7 +105,7 @@ def evaluate_humaneval(params, sampler: Sampler, tokenizer: Tokenizer, task: Tas
           prompt=p["prompt"])}]) for p in chunk]
       result = sampler(params, prompts, jax.random.fold_in(sample_key, start),
                        max_new_tokens=max_new_tokens, num_samples=n, temperature=temp)
-      texts = [tokenizer.decode(row[:m]) for row, m in zip(result.tokens, result.lengths)]
+      texts = decode_rows(tokenizer, result)
       out += [[task.extract_answer(t) for t in texts[i:i + n]] for i in range(0, len(texts), n)]
     return out
 

@@ -174,10 +174,6 @@ def training_batch(s: Setup, out: SampleOutput, num_samples: int, rows: np.ndarr
   return batch
 
 
-def decode_rows(tokenizer: Tokenizer, out: SampleOutput) -> list[str]:
-  return [tokenizer.decode(row[:n]) for row, n in zip(out.tokens, out.lengths)]
-
-
 # ---- Rewards and advantages (array code, jitted once per padded shape) ---------------------------
 
 
@@ -221,7 +217,7 @@ def train_step(s: Setup, state: RunState, key: jax.Array) -> tuple[RunState, dic
 
   # 2. Parse: proposals -> questions; the invalid are masked out of both losses.
   t0 = time.perf_counter()
-  proposal_texts = decode_rows(tok, proposals_out)
+  proposal_texts = evaluation.decode_rows(tok, proposals_out)
   proposals = [task.parse_proposal(text) for text in proposal_texts]  # [P*M]
   valid = np.array([p.valid for p in proposals])
   questions = [p for p in proposals if p.valid]  # [Q]
@@ -241,7 +237,7 @@ def train_step(s: Setup, state: RunState, key: jax.Array) -> tuple[RunState, dic
   # 4. Score: answers -> rewards (array code over [Q, N]).
   t0 = time.perf_counter()
   q = len(questions)
-  answer_texts = decode_rows(tok, answers_out) if questions else []
+  answer_texts = evaluation.decode_rows(tok, answers_out) if questions else []
   answers = [[task.extract_answer(t) for t in answer_texts[i * n:(i + 1) * n]] for i in range(q)]
   shape = dict(shape=c.rewards.proposer_shape, centre=c.rewards.gaussian_centre,
                width=c.rewards.gaussian_width, estimator=c.rl.advantage_estimator,
