@@ -63,6 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 20  # Evaluate every this many steps (0 = only at the start and end).
   c.eval.heldout = "multiplication3"  # Held-out set with ground truth (sqlm_jax/datasets.py).
+  c.eval.split = "test"  # "validation" (addition4 has one) is for choosing settings.
   c.eval.num_examples = 0  # 0 = the whole set.
   c.eval.num_samples = 4  # For majority-of-N accuracy.
   c.eval.temperature = 1.0  # For the N samples; greedy accuracy uses temperature 0.

@@ -5,6 +5,8 @@
                      unique rational solution, in the style of OMEGA's linear equations.
   addition4          four-digit plus four-digit addition in the tiny_addition topic's
                      compact format ("4321+8765", answer "6912"), for the tiny CPU models.
+                     Its "validation" split (300 other problems) is for choosing settings,
+                     so that "test" is only ever used to report them.
 
 All are generated, not downloaded: a fixed seed (HELDOUT_SEED) drives Python's
 `random.Random`, which nothing in training touches (training randomness is a JAX key derived
@@ -30,6 +32,8 @@ from sqlm_jax.tasks import math_answers, tiny_addition
 
 # Far from the small integers configs use as seeds; offsets give each set its own stream.
 HELDOUT_SEED = 7_340_117
+ADDITION4_VALIDATION_SEED = HELDOUT_SEED + 1003
+ADDITION4_VALIDATION_SIZE = 300
 NUM_EXAMPLES = 500  # the size of the reference evaluation sets
 DEFAULT_DATA_DIR = "~/.cache/sqlm_jax/tfds"
 DATA_DIR_ENV = "SQLM_JAX_TFDS_DIR"
@@ -64,6 +68,15 @@ def addition_examples(num_examples: int, seed: int, digits: int = 4) -> list[dic
     pairs.setdefault((rng.randint(low, high), rng.randint(low, high)))
   return [{"question": tiny_addition.format_question(a, b), "answer": str(a + b),
            "digits": digits} for a, b in pairs]
+
+
+def addition4_splits() -> dict[str, list[dict]]:
+  """addition4's "test" set and its "validation" set, which shares no problem with it."""
+  test = addition_examples(NUM_EXAMPLES, HELDOUT_SEED + 3)
+  seen = {e["question"] for e in test}
+  candidates = addition_examples(ADDITION4_VALIDATION_SIZE + len(test), ADDITION4_VALIDATION_SEED)
+  validation = [e for e in candidates if e["question"] not in seen][:ADDITION4_VALIDATION_SIZE]
+  return {"test": test, "validation": validation}
 
 
 def _linear_side(terms: list[tuple[int, str]], constant: int) -> str:
@@ -131,7 +144,9 @@ def linear_equation_examples(num_examples: int, seed: int) -> list[dict]:
 
 
 class _GeneratedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """A builder whose one "test" split is generated in Python: nothing to download."""
+  """A builder whose splits are generated in Python: nothing to download."""
+
+  SPLITS = ("test",)  # what splits_examples returns, "test" first
 
   @tfds.core.utils.classproperty
   @classmethod
@@ -142,10 +157,14 @@ class _GeneratedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
 
   def _split_generators(self, dl_manager):
     del dl_manager
-    return {"test": enumerate(self._examples())}
+    return {name: enumerate(examples) for name, examples in self.splits_examples().items()}
 
   def _generate_examples(self):
-    yield from enumerate(self._examples())
+    raise NotImplementedError  # _split_generators hands tfds each split's examples directly.
+
+  def splits_examples(self) -> dict[str, list[dict]]:
+    """Split name -> examples, for each of SPLITS."""
+    return {"test": self._examples()}
 
   def _examples(self) -> list[dict]:
     raise NotImplementedError
@@ -196,8 +215,11 @@ class LinearEquations(_GeneratedBuilder):
 class Addition4(_GeneratedBuilder):
   """Four-digit addition for the tiny CPU models, in the tiny_addition topic's format."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "500 distinct sums of two 4-digit numbers, seed HELDOUT_SEED + 3."}
+  SPLITS = ("test", "validation")
+
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "500 distinct sums of two 4-digit numbers, seed HELDOUT_SEED + 3.",
+                   "1.1.0": "A 300-problem validation split, disjoint from test."}
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
@@ -210,8 +232,8 @@ class Addition4(_GeneratedBuilder):
         }),
     )
 
-  def _examples(self) -> list[dict]:
-    return addition_examples(NUM_EXAMPLES, HELDOUT_SEED + 3)
+  def splits_examples(self) -> dict[str, list[dict]]:
+    return addition4_splits()
 
 
 HELDOUT_SETS = {"multiplication3": Multiplication3, "linear_equations": LinearEquations,
@@ -221,6 +243,11 @@ HELDOUT_SETS = {"multiplication3": Multiplication3, "linear_equations": LinearEq
 def default_data_dir() -> str:
   """$SQLM_JAX_TFDS_DIR if set, else ~/.cache/sqlm_jax/tfds."""
   return os.path.expanduser(os.environ.get(DATA_DIR_ENV, DEFAULT_DATA_DIR))
+
+
+def split_names(name: str) -> tuple[str, ...]:
+  """The splits a held-out set has, "test" first."""
+  return HELDOUT_SETS[name].SPLITS
 
 
 def _plain(value):
@@ -239,8 +266,10 @@ def load_heldout(name: str, data_dir: Optional[str] = None, split: str = "test")
   """
   if name not in HELDOUT_SETS:
     raise ValueError(f"unknown held-out set {name!r}; valid names are {', '.join(HELDOUT_SETS)}")
-  if split != "test":
-    raise ValueError(f"held-out sets only have a 'test' split, got split={split!r}")
+  splits = split_names(name)
+  if split not in splits:
+    raise ValueError(f"held-out set {name!r} has no split {split!r}; its splits are "
+                     f"{', '.join(splits)}")
   data_dir = os.path.expanduser(os.fspath(data_dir)) if data_dir else default_data_dir()
   source = tfds.data_source(name, split=split, data_dir=data_dir,
                             builder_kwargs={"file_format": "array_record"})

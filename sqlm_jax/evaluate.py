@@ -57,7 +57,7 @@ def main(argv) -> None:
   task, _ = selfplay.make_task(config)
   sampler = Sampler(model_config, pad_id=tokenizer.pad_id, stop_ids=tokenizer.stop_ids)
   examples = evaluation.load_examples(config.eval.heldout, config.eval.num_examples,
-                                      config.eval.data_dir)
+                                      config.eval.data_dir, config.eval.split)
   pool = None
   if config.eval.heldout == "humaneval":
     from sqlm_jax import sandbox
@@ -65,7 +65,8 @@ def main(argv) -> None:
                                allow_unsandboxed=config.sandbox.allow_unsandboxed)
   key = jax.random.fold_in(jax.random.key(_SEED.value), 2**31 - 1)
   result = evaluation.run_heldout(config.eval, params, sampler, tokenizer, task, examples, key, pool)
-  result = {"checkpoint": path, "heldout_set": config.eval.heldout, **result}
+  result = {"checkpoint": path, "heldout_set": config.eval.heldout,
+            "heldout_split": config.eval.split, **result}
   print(json.dumps(result, indent=2))
 
 

@@ -123,13 +123,16 @@ def evaluate_humaneval(params, sampler: Sampler, tokenizer: Tokenizer, task: Tas
 HELDOUT_NAMES = tuple(HELDOUT_SETS) + ("humaneval",)
 
 
-def load_examples(name: str, num_examples: int = 0, data_dir: Optional[str] = None) -> list[dict]:
+def load_examples(name: str, num_examples: int = 0, data_dir: Optional[str] = None,
+                  split: str = "test") -> list[dict]:
   """A held-out set by name: the tfds sets of sqlm_jax/datasets.py, or HumanEval's problems."""
   if name == "humaneval":
+    if split != "test":
+      raise ValueError(f"humaneval has only a 'test' split, got split={split!r}")
     from sqlm_jax import humaneval
     examples = humaneval.load_problems()
   else:
-    examples = load_heldout(name, data_dir or None)
+    examples = load_heldout(name, data_dir or None, split)
   return examples[:num_examples] if num_examples else examples
 
 

@@ -26,6 +26,7 @@ class ConfigError(ValueError):
 
 def validate(config) -> None:
   """Raises ConfigError on the first problem found, before any model is loaded."""
+  from sqlm_jax.datasets import HELDOUT_SETS, split_names
   from sqlm_jax.evaluation import HELDOUT_NAMES
   from sqlm_jax.tasks import TASK_NAMES
   path = config.model.path
@@ -45,6 +46,8 @@ def validate(config) -> None:
   _choice(config, "rl.loss_agg", rl.LOSS_AGGREGATIONS)
   _choice(config, "rl.lr_schedule", rl.LR_SCHEDULES)
   _choice(config, "eval.heldout", HELDOUT_NAMES)
+  splits = split_names(config.eval.heldout) if config.eval.heldout in HELDOUT_SETS else ("test",)
+  _choice(config, "eval.split", splits)
   _choice(config, "model.dtype", ("float32", "bfloat16"))
   _choice(config, "model.param_dtype", ("float32", "bfloat16"))
   for key in ("total_steps", "rollout.prompts_per_step", "rollout.proposals_per_prompt",
@@ -91,7 +94,8 @@ def main(argv) -> None:
   workdir = _WORKDIR.value or os.path.join("runs", name)
   from sqlm_jax import selfplay  # Imported after validation: loading JAX takes seconds.
   summary = selfplay.train(config, workdir)
-  print(f"\nheld-out {summary['heldout_set']} ({summary['heldout_size']} problems), greedy accuracy:"
+  print(f"\nheld-out {summary['heldout_set']} {summary['heldout_split']} split "
+        f"({summary['heldout_size']} problems), greedy accuracy:"
         f" base {summary['base_accuracy']:.3f} -> trained {summary['final_accuracy']:.3f}")
   print(f"metrics: {os.path.join(workdir, 'metrics.jsonl')}  summary: "
         f"{os.path.join(workdir, 'summary.json')}")

@@ -10,8 +10,8 @@ fixed seed and stands in for that prior knowledge:
     at 4 digits (the held-out set addition4) rather than at 0 or 100 %,
   - unanswered questions after the proposer marker ("?4321+8765"), 1 to 4 digits, so that
     the base can propose.
-No held-out or dev problem is ever in the corpus; the dev set (another seed, disjoint from
-addition4) is what the corpus and steps were chosen on. The learning rate decays to zero, so
+No held-out or dev problem is ever in the corpus; the dev set (addition4's "validation"
+split, disjoint from its "test" split) is what the corpus and steps were chosen on. The learning rate decays to zero, so
 the base is settled: at a constant rate, 4-digit accuracy swings by tens of points between
 neighbouring evaluations, and a self-play gain would be hard to tell from that noise.
 
@@ -42,9 +42,6 @@ from sqlm_jax.models import ModelConfig, forward, init_params, save_pretrained
 from sqlm_jax.sampling import Sampler
 from sqlm_jax.tasks import tiny_addition
 from sqlm_jax.tokenizer import CharTokenizer
-
-# Dev problems: 4-digit like addition4 but another stream, for choosing corpus and steps.
-DEV_SEED = datasets.HELDOUT_SEED + 1003
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,19 +208,17 @@ def proposal_stats(sampler, tokenizer, params, key, num_samples: int = 256,
 # ---- Pretraining ------------------------------------------------------------------------------
 
 
-def evaluation_sets(dev_examples: int) -> tuple[list[dict], list[dict], frozenset]:
-  """(held-out addition4, dev set disjoint from it, operand pairs the corpus must skip)."""
-  heldout = datasets.addition_examples(datasets.NUM_EXAMPLES, datasets.HELDOUT_SEED + 3)
-  heldout_questions = {e["question"] for e in heldout}
-  dev = [e for e in datasets.addition_examples(dev_examples + len(heldout), DEV_SEED)
-         if e["question"] not in heldout_questions][:dev_examples]
+def evaluation_sets() -> tuple[list[dict], list[dict], frozenset]:
+  """(addition4 test, addition4 validation = the dev set, operand pairs the corpus must skip)."""
+  splits = datasets.addition4_splits()
+  heldout, dev = splits["test"], splits["validation"]
   return heldout, dev, frozenset(tiny_addition.operands(e["question"]) for e in heldout + dev)
 
 
 def pretrain(out: str, steps: int = 900, batch_size: int = 128, lr: float = 3e-3,
              warmup: int = 50, weight_decay: float = 0.01, seed: int = 0, layers: int = 4,
              hidden: int = 128, heads: int = 4, spec: CorpusSpec = CorpusSpec(),
-             eval_every: int = 0, dev_examples: int = 300, heldout_data_dir: Optional[str] = None,
+             eval_every: int = 0, dev_examples: int = 0, heldout_data_dir: Optional[str] = None,
              log=print, command: str = "") -> dict:
   """Trains from scratch, writes the checkpoint folder and returns a summary dict.
 
@@ -239,7 +234,8 @@ def pretrain(out: str, steps: int = 900, batch_size: int = 128, lr: float = 3e-3
   opt_state = optimizer.init(params)
   train_step = make_train_step(config, optimizer)
 
-  _, dev, excluded = evaluation_sets(dev_examples)
+  _, dev, excluded = evaluation_sets()
+  dev = dev[:dev_examples] if dev_examples else dev
   rng = random.Random(seed)
   sampler = Sampler(config, tokenizer.pad_id, tokenizer.stop_ids)
   eval_key = jax.random.key(seed + 1)
@@ -303,7 +299,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   parser.add_argument("--question_fraction", type=float, default=CorpusSpec.question_fraction)
   parser.add_argument("--question_digits", type=_digits, default=CorpusSpec.question_digits)
   parser.add_argument("--eval_every", type=int, default=0, help="dev greedy accuracy every N steps")
-  parser.add_argument("--dev_examples", type=int, default=300)
+  parser.add_argument("--dev_examples", type=int, default=0,
+                      help="evaluate on this many dev problems (0 = all 300)")
   parser.add_argument("--heldout_data_dir", default=None,
                       help="also report addition4 accuracy (tfds data dir; '' = the default)")
   args = parser.parse_args(argv)

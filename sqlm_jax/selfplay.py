@@ -112,7 +112,7 @@ def setup(config: ml_collections.ConfigDict) -> tuple[Setup, RunState]:
   filtered = config.rollout.top_k > 0 or config.rollout.top_p < 1.0
   recompute = config.rl.recompute_old_logprobs or filtered
   heldout = evaluation.load_examples(config.eval.heldout, config.eval.num_examples,
-                                     config.eval.data_dir)
+                                     config.eval.data_dir, config.eval.split)
   pool = None
   if task.reward_kind == "tests" or config.eval.heldout == "humaneval":
     from sqlm_jax import sandbox
@@ -418,6 +418,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   export_roles(s, state, workdir)
   summary = {
       "heldout_set": config.eval.heldout,
+      "heldout_split": config.eval.split,
       "heldout_size": len(s.heldout),
       "base_accuracy": base["heldout/greedy_accuracy"],
       "final_accuracy": last_eval["heldout/greedy_accuracy"],

@@ -84,5 +84,16 @@ def test_seed_is_not_a_training_seed():
 def test_unknown_set_and_split():
   with pytest.raises(ValueError, match="multiplication3, linear_equations"):
     datasets.load_heldout("gsm8k", "/nonexistent")
-  with pytest.raises(ValueError, match="'test' split"):
+  with pytest.raises(ValueError, match="no split 'train'; its splits are test$"):
     datasets.load_heldout("multiplication3", "/nonexistent", split="train")
+  with pytest.raises(ValueError, match="no split 'validation'"):
+    datasets.load_heldout("linear_equations", "/nonexistent", split="validation")
+
+
+def test_addition4_validation_split_is_disjoint_from_test(prepared):
+  sets, dirs = prepared
+  validation = datasets.load_heldout("addition4", str(dirs[0]), split="validation")
+  by_question = lambda examples: sorted(examples, key=lambda e: e["question"])
+  assert by_question(validation) == by_question(datasets.addition4_splits()["validation"])
+  assert len(validation) == datasets.ADDITION4_VALIDATION_SIZE == 300
+  assert not {e["question"] for e in validation} & {e["question"] for e in sets["addition4"][0]}

@@ -65,3 +65,10 @@ def test_bad_choice_names_key_and_choices(qwen2_dir):
                     "--config.rewards.proposer_shape=cubic", timeout=120)
   assert result.returncode == 2
   assert "config.rewards.proposer_shape='cubic' is not one of: sqlm, sqlm_paper" in result.stderr
+
+
+def test_split_must_exist_in_the_heldout_set(qwen2_dir):
+  result = run_main("--config", "configs/arithmetic.py", f"--config.model.path={qwen2_dir}",
+                    "--config.eval.split=validation", timeout=120)
+  assert result.returncode == 2
+  assert "config.eval.split='validation' is not one of: test." in result.stderr

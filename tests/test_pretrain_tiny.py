@@ -40,7 +40,7 @@ def test_corpus_skips_excluded_problems():
 
 
 def test_heldout_and_dev_sets_are_disjoint_and_excluded():
-  heldout, dev, excluded = pretrain_tiny.evaluation_sets(300)
+  heldout, dev, excluded = pretrain_tiny.evaluation_sets()
   assert len(dev) == 300 and len(heldout) == datasets.NUM_EXAMPLES
   assert not {e["question"] for e in dev} & {e["question"] for e in heldout}
   assert excluded == {tiny_addition.operands(e["question"]) for e in heldout + dev}
