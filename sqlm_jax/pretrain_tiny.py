@@ -55,6 +55,8 @@ class CorpusSpec:
   four_digit_fraction: float = 0.0055
   question_fraction: float = 0.2  # of all documents: "?" + question, no answer
   question_digits: tuple[int, ...] = (1, 2, 3, 4)
+  # Of answered problems: both numbers of the same size, like the held-out 4 + 4 digits.
+  same_size_fraction: float = 0.0
 
   @staticmethod
   def max_length() -> int:
@@ -67,26 +69,35 @@ def _number(rng: random.Random, digits: int) -> int:
   return rng.randrange(10 ** (digits - 1) if digits > 1 else 0, 10**digits)
 
 
-def _operands(rng: random.Random, digits: int) -> tuple[int, int]:
+def _operands(rng: random.Random, digits: int, same_size: bool = False) -> tuple[int, int]:
   """Two numbers, the larger of exactly `digits` digits and the other of 1 to `digits`.
 
   Mixed sizes (347 + 5) give the proposer's questions variety, and give the model answer
   digits that are plain copies of one operand's, which it can learn before it can add.
   """
-  pair = (_number(rng, digits), _number(rng, rng.randint(1, digits)))
+  other = digits if same_size else rng.randint(1, digits)
+  pair = (_number(rng, digits), _number(rng, other))
   return pair if rng.random() < 0.5 else pair[::-1]
 
 
-def make_document(rng: random.Random, spec: CorpusSpec, excluded: frozenset) -> str:
-  """One corpus document (without eos): an answered problem or a proposer-style question."""
+def make_document(rng: random.Random, spec: CorpusSpec, excluded: frozenset,
+                  question_rng: Optional[random.Random] = None) -> str:
+  """One corpus document (without eos): an answered problem or a proposer-style question.
+
+  question_rng (default: rng) draws the questions, so that changing what questions look like
+  leaves the stream of answered problems as it was.
+  """
   draw = rng.random()
   if draw < spec.question_fraction:
-    question = tiny_addition.format_question(*_operands(rng, rng.choice(spec.question_digits)))
+    question_rng = question_rng or rng
+    question = tiny_addition.format_question(
+        *_operands(question_rng, question_rng.choice(spec.question_digits)))
     return tiny_addition.PROPOSER_MARKER + question
   four = draw < spec.question_fraction + spec.four_digit_fraction
   digits = 4 if four else rng.choice(spec.answered_digits)
+  same_size = rng.random() < spec.same_size_fraction
   while True:
-    a, b = _operands(rng, digits)
+    a, b = _operands(rng, digits, same_size)
     if (a, b) not in excluded:
       return (tiny_addition.format_question(a, b) + tiny_addition.ANSWER_MARKER
               + tiny_addition.format_answer(a + b))
@@ -236,13 +247,13 @@ def pretrain(out: str, steps: int = 900, batch_size: int = 128, lr: float = 3e-3
 
   _, dev, excluded = evaluation_sets()
   dev = dev[:dev_examples] if dev_examples else dev
-  rng = random.Random(seed)
+  rng, question_rng = random.Random(seed), random.Random(seed + 1)
   sampler = Sampler(config, tokenizer.pad_id, tokenizer.stop_ids)
   eval_key = jax.random.key(seed + 1)
 
   history = []
   for step in range(steps):
-    texts = [make_document(rng, spec, excluded) for _ in range(batch_size)]
+    texts = [make_document(rng, spec, excluded, question_rng) for _ in range(batch_size)]
     tokens, mask, scored = encode_documents(tokenizer, texts, spec.max_length())
     params, opt_state, loss = train_step(params, opt_state, tokens, mask, scored)
     if step % 50 == 0 or step == steps - 1:
@@ -298,6 +309,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                       default=CorpusSpec.four_digit_fraction)
   parser.add_argument("--question_fraction", type=float, default=CorpusSpec.question_fraction)
   parser.add_argument("--question_digits", type=_digits, default=CorpusSpec.question_digits)
+  parser.add_argument("--same_size_fraction", type=float,
+                      default=CorpusSpec.same_size_fraction)
   parser.add_argument("--eval_every", type=int, default=0, help="dev greedy accuracy every N steps")
   parser.add_argument("--dev_examples", type=int, default=0,
                       help="evaluate on this many dev problems (0 = all 300)")
@@ -305,7 +318,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                       help="also report addition4 accuracy (tfds data dir; '' = the default)")
   args = parser.parse_args(argv)
   spec = CorpusSpec(args.answered_digits, args.four_digit_fraction, args.question_fraction,
-                    args.question_digits)
+                    args.question_digits, args.same_size_fraction)
   heldout_dir = args.heldout_data_dir
   if heldout_dir == "":
     heldout_dir = datasets.default_data_dir()

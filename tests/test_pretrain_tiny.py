@@ -1,5 +1,6 @@
 """Pretraining the tiny base: a short run learns, its folder loads, the corpus stays clean."""
 
+import dataclasses
 import json
 import random
 
@@ -65,3 +66,21 @@ def test_documents_are_well_formed_and_scored_where_they_teach():
   # Answered: the answer and eos. Question: everything after the marker, eos included.
   np.testing.assert_array_equal(np.nonzero(scored[0])[0], np.arange(10, 16))
   np.testing.assert_array_equal(np.nonzero(scored[1])[0], np.arange(1, 11))
+
+
+def test_same_size_problems_and_a_separate_question_stream():
+  spec = pretrain_tiny.CorpusSpec(answered_digits=(4,), four_digit_fraction=0.0,
+                                  question_fraction=0.3, same_size_fraction=1.0)
+  rng, question_rng = random.Random(2), random.Random(3)
+  texts = [pretrain_tiny.make_document(rng, spec, frozenset(), question_rng) for _ in range(200)]
+  for text in texts:
+    if not text.startswith(tiny_addition.PROPOSER_MARKER):
+      a, b = tiny_addition.operands(text.split(tiny_addition.ANSWER_MARKER)[0])
+      assert len(str(a)) == len(str(b)) == 4, text
+  # Other questions leave the answered problems as they were.
+  other = dataclasses.replace(spec, question_digits=(1,))
+  rng, question_rng = random.Random(2), random.Random(3)
+  others = [pretrain_tiny.make_document(rng, other, frozenset(), question_rng) for _ in range(200)]
+  answered = lambda docs: [t for t in docs if not t.startswith(tiny_addition.PROPOSER_MARKER)]
+  assert answered(others) == answered(texts)
+  assert [t for t in others if t.startswith("?")] != [t for t in texts if t.startswith("?")]
