@@ -1,6 +1,9 @@
 """Pretrains the tiny char model that stands in for a base LM on the tiny_addition topic.
 
-  python -m sqlm_jax.pretrain_tiny --out sqlm_jax/assets/tiny_addition
+  python -m sqlm_jax.pretrain_tiny --out runs/tiny_base
+
+The bundled base (sqlm_jax/assets/tiny_addition) keeps the command and the dev metrics of the
+run that made it in its pretrain_summary.json.
 
 Self-play needs a base that already knows the format and is mediocre at the target skill,
 the way an instruct model is at 3-digit multiplication. The corpus is generated here from a
@@ -10,8 +13,9 @@ fixed seed and stands in for that prior knowledge:
     at 4 digits (the held-out set addition4) rather than at 0 or 100 %,
   - unanswered questions after the proposer marker ("?4321+8765"), 1 to 4 digits, so that
     the base can propose.
-No held-out or dev problem is ever in the corpus; the dev set (addition4's "validation"
-split, disjoint from its "test" split) is what the corpus and steps were chosen on. The learning rate decays to zero, so
+`--same_size_fraction` and `--question_digits` shape both kinds further. No held-out or dev
+problem is ever in the corpus; the dev set (addition4's "validation" split, disjoint from its
+"test" split) is what corpora and steps are chosen on. The learning rate decays to zero, so
 the base is settled: at a constant rate, 4-digit accuracy swings by tens of points between
 neighbouring evaluations, and a self-play gain would be hard to tell from that noise.
 
@@ -49,9 +53,10 @@ class CorpusSpec:
   """What the base has seen. Sizes are digits of the numbers; every question is 4 wide."""
 
   answered_digits: tuple[int, ...] = (1, 2, 3)
-  # Of all documents: answered 4-digit problems. Dev 4-digit accuracy after 900 steps is
-  # steep in this: 0.004 -> 0.22, 0.005 -> 0.19 (0.08 with seed 1), 0.0055 -> 0.40,
-  # 0.006 -> 0.83, 0.01 -> 0.91. More steps raise it too.
+  # Of all documents: answered 4-digit problems. Dev 4-digit accuracy is steep in this and in
+  # the steps, and moves with any change to the corpus stream: learning 4-digit carries is a
+  # sudden jump, and where the decay catches it decides the base (0.004 -> 0.22, 0.0055 ->
+  # 0.40, 0.006 -> 0.83 in one sweep of 900-step runs).
   four_digit_fraction: float = 0.0055
   question_fraction: float = 0.2  # of all documents: "?" + question, no answer
   question_digits: tuple[int, ...] = (1, 2, 3, 4)
