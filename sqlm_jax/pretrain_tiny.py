@@ -2,8 +2,8 @@
 
   python -m sqlm_jax.pretrain_tiny --out runs/tiny_base
 
-The bundled base (sqlm_jax/assets/tiny_addition) keeps the command and the dev metrics of the
-run that made it in its pretrain_summary.json.
+The bundled base (sqlm_jax/assets/tiny_addition) keeps the arguments and dev metrics of the run
+that made it in its pretrain_summary.json; the README says how it was made.
 
 Self-play needs a base that already knows the format and is mediocre at the target skill,
 the way an instruct model is at 3-digit multiplication. The corpus is generated here from a
@@ -75,7 +75,8 @@ def _number(rng: random.Random, digits: int) -> int:
 
 
 def _operands(rng: random.Random, digits: int, same_size: bool = False) -> tuple[int, int]:
-  """Two numbers, the larger of exactly `digits` digits and the other of 1 to `digits`.
+  """Two numbers, the larger of exactly `digits` digits and the other of 1 to `digits` (of
+  exactly `digits` when `same_size`).
 
   Mixed sizes (347 + 5) give the proposer's questions variety, and give the model answer
   digits that are plain copies of one operand's, which it can learn before it can add.
