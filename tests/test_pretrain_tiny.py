@@ -81,6 +81,7 @@ def test_same_size_problems_and_a_separate_question_stream():
   other = dataclasses.replace(spec, question_digits=(1,))
   rng, question_rng = random.Random(2), random.Random(3)
   others = [pretrain_tiny.make_document(rng, other, frozenset(), question_rng) for _ in range(200)]
-  answered = lambda docs: [t for t in docs if not t.startswith(tiny_addition.PROPOSER_MARKER)]
-  assert answered(others) == answered(texts)
-  assert [t for t in others if t.startswith("?")] != [t for t in texts if t.startswith("?")]
+  is_question = lambda text: text.startswith(tiny_addition.PROPOSER_MARKER)
+  assert ([t for t in others if not is_question(t)]
+          == [t for t in texts if not is_question(t)])
+  assert [t for t in others if is_question(t)] != [t for t in texts if is_question(t)]
