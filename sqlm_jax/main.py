@@ -61,6 +61,9 @@ def validate(config) -> None:
                       "policy-gradient training needs sampled, not greedy, rollouts.")
   if not 0 < config.rollout.top_p <= 1:
     raise ConfigError(f"config.rollout.top_p={config.rollout.top_p} must be in (0, 1].")
+  if config.rewards.proposer_shape == "gaussian" and config.rewards.gaussian_width <= 0:
+    raise ConfigError(f"config.rewards.gaussian_width={config.rewards.gaussian_width} must be > 0 "
+                      "(the spread of the gaussian proposer reward in units of k / N, e.g. 0.2).")
   if config.rl.kl_coef < 0:
     raise ConfigError(f"config.rl.kl_coef={config.rl.kl_coef} must be >= 0 (0 disables the KL).")
 

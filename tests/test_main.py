@@ -72,3 +72,11 @@ def test_split_must_exist_in_the_heldout_set(qwen2_dir):
                     "--config.eval.split=validation", timeout=120)
   assert result.returncode == 2
   assert "config.eval.split='validation' is not one of: test." in result.stderr
+
+
+def test_gaussian_width_must_be_positive(qwen2_dir):
+  result = run_main("--config", "configs/arithmetic.py", f"--config.model.path={qwen2_dir}",
+                    "--config.rewards.proposer_shape=gaussian",
+                    "--config.rewards.gaussian_width=0", timeout=120)
+  assert result.returncode == 2
+  assert "config.rewards.gaussian_width=0" in result.stderr

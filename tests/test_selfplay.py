@@ -142,3 +142,10 @@ def test_vote_signals_on_a_hand_worked_batch():
   np.testing.assert_array_equal(proposer_r, [1, 0, 0, 0])  # only 1 < k < N
   np.testing.assert_allclose(np.asarray(adv)[3], 0.0)  # unanimous: no signal
   assert np.asarray(adv)[0, 0] > 0 > np.asarray(adv)[0, 2]
+
+
+def test_vote_signals_with_the_gaussian_proposer_reward():
+  ids = np.array([[0, 0, 1, 2], [0, 0, 0, 1], [0, 0, 0, 0]], np.int32)  # k = 2, 3, 4 of N = 4
+  _, _, _, proposer_r, _ = selfplay.vote_signals(
+      ids, 0.75, 0.1, 1e-6, shape="gaussian", estimator="grpo", min_votes=1, break_ties=True)
+  np.testing.assert_allclose(proposer_r, np.exp(-np.square([-0.25, 0.0, 0.25]) / 0.02), rtol=1e-6)
