@@ -15,7 +15,7 @@ REQUIRED = "__required__"  # Placeholder for fields the user must set (checked b
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0  # Every step's randomness is derived from (seed, step).
-  c.total_steps = 100
+  c.total_steps = ml_collections.FieldReference(100)
 
   c.model = ml_collections.ConfigDict()
   c.model.path = REQUIRED  # Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer).
@@ -55,6 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.rl.kl_estimator = "low_var"
   c.rl.micro_batch_size = 16  # Rows per forward/backward; bounds training memory.
   c.rl.temperature = c.rollout.get_ref("temperature")  # Follows rollout.temperature.
+  c.rl.total_steps = c.get_ref("total_steps") * 1  # Cosine ends with the run (unless set).
   # Re-score sampled tokens with the training forward pass instead of trusting the sampler's
   # log-probs (always done when top-k/top-p filter the sampling distribution).
   c.rl.recompute_old_logprobs = False
