@@ -44,6 +44,7 @@ def test_main_runs_steps_and_writes_metrics(qwen2_dir, tmp_path, config, extra):
   assert "greedy accuracy" in result.stdout
   saved = json.load(open(tmp_path / "config.json"))
   assert saved["seed"] == 3
+  assert saved["rl"]["total_steps"] == 1  # The cosine schedule ends with the run.
 
 
 @pytest.mark.parametrize("args,expected", [
@@ -80,3 +81,12 @@ def test_gaussian_width_must_be_positive(qwen2_dir):
                     "--config.rewards.gaussian_width=0", timeout=120)
   assert result.returncode == 2
   assert "config.rewards.gaussian_width=0" in result.stderr
+
+
+def test_the_lr_schedule_ends_with_the_run_unless_told_otherwise():
+  from sqlm_jax.config_base import load_config
+  config = load_config("tiny")
+  config.total_steps = 40
+  assert config.rl.total_steps == 40
+  config.rl.total_steps = 30  # An explicit schedule length does not change the run's length.
+  assert (config.total_steps, config.rl.total_steps) == (40, 30)
