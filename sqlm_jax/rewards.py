@@ -99,7 +99,7 @@ def _soft_shape(p, shape, centre, width):
   if shape == "learnability":
     return jnp.where(p > 0, 1.0 - p, 0.0)
   if shape == "gaussian":
-    if isinstance(width, (int, float)) and width <= 0:  # Traced widths are checked by the caller.
+    if width <= 0:
       raise ValueError(f"Gaussian proposer reward needs width > 0, got {width}.")
     return jnp.exp(-jnp.square(p - centre) / (2.0 * width * width))
   raise AssertionError(shape)

@@ -177,7 +177,9 @@ def training_batch(s: Setup, out: SampleOutput, num_samples: int, rows: np.ndarr
 # ---- Rewards and advantages (array code, jitted once per padded shape) ---------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("shape", "estimator", "min_votes", "break_ties"))
+# The reward shape's constants are static: they come from the config and never change in a run.
+@functools.partial(jax.jit, static_argnames=("centre", "width", "eps", "shape", "estimator",
+                                             "min_votes", "break_ties"))
 def vote_signals(ids, centre, width, eps, *, shape, estimator, min_votes, break_ties):
   """answer ids [Q, N] -> majority id [Q], k [Q], solver reward [Q, N], proposer reward [Q],
   solver advantages [Q, N] (the N answers of a question are one group)."""
@@ -187,7 +189,7 @@ def vote_signals(ids, centre, width, eps, *, shape, estimator, min_votes, break_
   return majority_id, k, solver_r, proposer_r, rl.group_advantages(solver_r, estimator, eps)
 
 
-@functools.partial(jax.jit, static_argnames=("shape", "estimator"))
+@functools.partial(jax.jit, static_argnames=("centre", "width", "eps", "shape", "estimator"))
 def test_signals(passes, test_mask, centre, width, eps, *, shape, estimator):
   """Test results [Q, N, T] -> solver reward (pass rate) [Q, N], proposer reward [Q], advantages."""
   solver_r = rewards.pass_rate_solver_reward(passes, test_mask)
