@@ -31,7 +31,7 @@ def get_config():
   c.rewards.proposer_shape = "sqlm"
   c.rewards.min_votes = 2  # An all-different group rewards nobody.
   c.rl.learning_rate = 1e-4  # Tiny models take large steps; the cosine decay keeps the end stable.
-  c.rl.lr_schedule = "cosine"  # To 0 at total_steps: late steps, on the hardest questions, move little.
+  c.rl.lr_schedule = "cosine"  # Decays to 0 at total_steps.
   c.rl.kl_coef = 0.0
   c.rl.max_grad_norm = 1.0
   c.rl.micro_batch_size = 128
