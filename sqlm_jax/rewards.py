@@ -12,13 +12,19 @@ and p = k / N (or the mean pass rate for coding):
   "rzero"        min(p, 1 - p): R-Zero's uncertainty reward, highest (0.5) at p = 0.5.
   "learnability" 1 - p, and 0 when p == 0: AZR's learnability reward.
   "gaussian"     exp(-(p - centre)^2 / (2 width^2)): a soft band around `centre`.
+
+`SOLVER_REWARDS`: "majority" is the vote above; "random" is the information-free control
+(`random_solver_reward`), which keeps each question's rewards but hands them to random answers.
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 PROPOSER_SHAPES = ("sqlm", "sqlm_paper", "rzero", "learnability", "gaussian")
+
+SOLVER_REWARDS = ("majority", "random")
 
 INVALID_ID = -1
 
@@ -84,6 +90,34 @@ def solver_reward(answer_ids, min_votes=1, break_ties=True):
     rewarded = rewarded & ~majority_is_tied(answer_ids)
   agrees = (answer_ids == majority_id[:, None]) & (answer_ids >= 0)  # [Q, N]
   return (agrees & rewarded[:, None]).astype(jnp.float32)
+
+
+def random_solver_reward(key, solver_reward, valid=None):
+  """float [Q, N]: each question's rewards shuffled at random among its valid answers.
+
+  The control that says whether the vote carries information: every question keeps exactly its
+  rewards (the same number of positives per group, as in the majority reward, so the batch's
+  rate and the advantages' scale are unchanged; pass rates keep their values), but which
+  answer receives them no longer depends on what the answer says.
+
+  Args:
+    key: a jax.random key; the same key gives the same shuffle.
+    solver_reward: float [Q, N], the rewards to shuffle (e.g. `solver_reward(answer_ids)`).
+    valid: bool [Q, N], answers that may be rewarded (e.g. `answer_ids >= 0`); rewards move
+      only between valid answers, so an unparseable answer is never paid, as under the vote.
+      None = all answers.
+  """
+  solver_reward = jnp.asarray(solver_reward)
+  q, n = solver_reward.shape
+  invalid = (jnp.zeros((q, n), bool) if valid is None else ~jnp.asarray(valid, bool))
+  invalid = invalid.astype(jnp.float32)
+  # Both orders list the valid answers first: `fixed` by position, `shuffled` at random, so
+  # the j-th reward among the valid answers goes to the j-th valid answer of a random order.
+  fixed = jnp.argsort(invalid * n + jnp.arange(n), axis=-1)  # [Q, N]
+  shuffled = jnp.argsort(invalid * 2.0 + jax.random.uniform(key, (q, n)), axis=-1)  # [Q, N]
+  values = jnp.take_along_axis(solver_reward, fixed, axis=-1)  # [Q, N]
+  rows = jnp.arange(q)[:, None]
+  return jnp.zeros_like(solver_reward).at[rows, shuffled].set(values)
 
 
 def _check_shape(shape):

@@ -128,3 +128,44 @@ def test_pass_rate_proposer_reward(shape, expected):
   passed, test_mask = _coding_case()  # mean pass rates p = [0.75, 1, 0]
   got = rewards.pass_rate_proposer_reward(passed, test_mask, shape)
   np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_random_solver_reward_keeps_each_groups_rewards_on_valid_answers():
+  answer_ids = np.array([
+      [3, 3, 1, -1, 3, 2],
+      [5, 2, 5, 2, -1, -1],
+      [-1, -1, -1, -1, -1, -1],
+      [0, 0, 0, 0, 0, 0],
+  ])
+  majority = rewards.solver_reward(answer_ids)
+  valid = answer_ids >= 0
+  shuffle = jax.jit(rewards.random_solver_reward)
+  seen = set()
+  for seed in range(20):
+    got = np.asarray(shuffle(jax.random.key(seed), majority, valid))
+    np.testing.assert_array_equal(np.sort(got, axis=-1), np.sort(majority, axis=-1))
+    assert not np.any(got[~valid])
+    seen.add(got.tobytes())
+  assert len(seen) > 5  # the answers rewarded change with the key
+  np.testing.assert_array_equal(shuffle(jax.random.key(3), majority, valid),
+                                shuffle(jax.random.key(3), majority, valid))
+
+
+def test_random_solver_reward_is_blind_to_the_answers():
+  """Over many draws every valid answer is paid equally often: the majority's are not favoured."""
+  answer_ids = np.array([[7, 7, 7, 1, 2, -1, 3, -1]])  # majority 7: three of six valid answers
+  majority = np.asarray(rewards.solver_reward(answer_ids))
+  keys = jax.random.split(jax.random.key(0), 3000)
+  draws = jax.vmap(lambda k: rewards.random_solver_reward(k, majority, answer_ids >= 0))(keys)
+  rate = np.asarray(draws).mean(axis=(0, 1))  # [N]
+  np.testing.assert_allclose(rate[answer_ids[0] >= 0], 3 / 6, atol=0.04)
+  np.testing.assert_array_equal(rate[answer_ids[0] < 0], 0.0)
+
+
+def test_random_solver_reward_keeps_pass_rates_and_defaults_to_all_answers():
+  pass_rates = np.array([[0.5, 1.0, 0.0, 0.25]], np.float32)
+  got = np.asarray(rewards.random_solver_reward(jax.random.key(1), pass_rates))
+  np.testing.assert_array_equal(np.sort(got), np.sort(pass_rates))
+  firsts = {float(rewards.random_solver_reward(jax.random.key(s), pass_rates)[0, 0])
+            for s in range(30)}
+  assert firsts == {0.0, 0.25, 0.5, 1.0}
