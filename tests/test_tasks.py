@@ -184,3 +184,51 @@ def test_get_task(name):
 def test_get_task_unknown_name_lists_valid_ones():
   with pytest.raises(ValueError, match="arithmetic, algebra, generic, coding"):
     get_task("geometry")
+
+
+# --- generated questions (the no-proposer baseline) ---------------------------------------
+
+
+def test_tiny_addition_generated_questions_are_proposer_questions_of_every_size():
+  import collections
+  import random
+  from sqlm_jax.tasks import tiny_addition
+  task = get_task("tiny_addition")
+  rng = random.Random(0)
+  proposals = [task.generate_question(rng) for _ in range(4000)]
+  sizes = collections.Counter()
+  for proposal in proposals:
+    assert proposal == task.parse_proposal(proposal.question)  # what proposer output parses to
+    a, b = tiny_addition.operands(proposal.question)
+    assert task.true_answer(proposal) == str(a + b)
+    assert task.solver_messages(proposal)[-1]["content"] == proposal.question + "="
+    sizes[len(str(a)), len(str(b))] += 1
+  # Each operand's size is uniform over 1..4 digits: 16 size pairs, ~250 of each.
+  assert set(sizes) == {(i, j) for i in range(1, 5) for j in range(1, 5)}
+  assert min(sizes.values()) > 180 and max(sizes.values()) < 320, sizes
+  assert ([task.generate_question(random.Random(5)) for _ in range(3)]
+          == [task.generate_question(random.Random(5)) for _ in range(3)])
+
+
+def test_arithmetic_generated_questions_parse_and_solve_like_proposals():
+  import collections
+  import random
+  task = get_task("arithmetic")
+  rng = random.Random(1)
+  operators = collections.Counter()
+  for _ in range(600):
+    proposal = task.generate_question(rng)
+    assert proposal == task.parse_proposal(f"<question>{proposal.question}</question>")
+    a, operator, b = proposal.question.removeprefix("What is ").removesuffix("?").split()
+    assert 100 <= int(a) <= 999 and 100 <= int(b) <= 999
+    expected = {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[operator]
+    assert task.true_answer(proposal) == str(expected)
+    assert task.difficulty(proposal) == 3.0
+    assert proposal.question in task.solver_messages(proposal)[-1]["content"]
+    operators[operator] += 1
+  assert set(operators) == {"+", "-", "*"} and min(operators.values()) > 150
+
+
+def test_tasks_without_a_generator_say_so():
+  assert get_task("algebra").generate_question is None
+  assert get_task("generic").generate_question is None

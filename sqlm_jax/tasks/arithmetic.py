@@ -9,6 +9,7 @@ nothing is ever passed to eval().
 from __future__ import annotations
 
 import ast
+import random
 import re
 from fractions import Fraction
 from typing import Optional
@@ -163,6 +164,18 @@ def difficulty(proposal: Proposal) -> Optional[float]:
   return float(max(len(number) for number in numbers)) if numbers else None
 
 
+# The no-proposer baseline's questions: the topic's three operations on two three-digit numbers
+# (division is left out: its answers are mostly fractions, unlike the rest of the topic).
+GENERATED_OPERATORS = ("+", "-", "*")
+
+
+def generate_question(rng: random.Random) -> Proposal:
+  """"What is a OP b?" with a, b uniform in 100..999 and OP uniform over GENERATED_OPERATORS."""
+  a, b = rng.randint(100, 999), rng.randint(100, 999)
+  operator = rng.choice(GENERATED_OPERATORS)
+  return parse_proposal(f"<question>What is {a} {operator} {b}?</question>")
+
+
 TASK = Task(
     name="arithmetic",
     reward_kind="vote",
@@ -174,4 +187,5 @@ TASK = Task(
     true_answer=true_answer,
     difficulty=difficulty,
     default_topic=DEFAULT_TOPIC,
+    generate_question=generate_question,
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import random
 from typing import Callable, Optional
 
 Messages = list[dict]  # chat messages: [{"role": "system"|"user"|"assistant", "content": str}]
@@ -43,3 +44,8 @@ class Task:
   # A ground-truth answer (held-out sets) -> the canonical form extract_answer produces.
   canonical_answer: Optional[Callable[[str], Optional[str]]] = None
   default_topic: str = ""
+  # The task's own question distribution, for the no-proposer baseline (questions drawn here
+  # instead of written by the proposer): one Proposal, of the same form parse_proposal returns
+  # for proposer output, from a host-side random.Random that the caller seeds. None = the task
+  # has none.
+  generate_question: Optional[Callable[[random.Random], Proposal]] = None

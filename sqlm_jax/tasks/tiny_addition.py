@@ -17,6 +17,7 @@ of the prompt.
 
 from __future__ import annotations
 
+import random
 import re
 from typing import Optional
 
@@ -98,6 +99,17 @@ def difficulty(proposal: Proposal) -> Optional[float]:
   return float(len(str(max(parsed)))) if parsed is not None else None
 
 
+def generate_question(rng: random.Random) -> Proposal:
+  """A question as the proposer would write it: each operand's size uniform in 1 to WIDTH digits.
+
+  A 4 + 4-digit question has 1 chance in WIDTH**2; one that is also in addition4 (1,000 of
+  81 million 4 + 4-digit pairs) is too rare to exclude.
+  """
+  a, b = (rng.randrange(10 ** (d - 1) if d > 1 else 0, 10**d)
+          for d in (rng.randint(1, WIDTH), rng.randint(1, WIDTH)))
+  return parse_proposal(format_question(a, b))
+
+
 TASK = Task(
     name="tiny_addition",
     reward_kind="vote",
@@ -108,4 +120,5 @@ TASK = Task(
     true_answer=true_answer,
     difficulty=difficulty,
     default_topic=DEFAULT_TOPIC,
+    generate_question=generate_question,
 )
