@@ -1,45 +1,64 @@
 """Running untrusted, model-written Python programs: one isolated, resource-limited process each.
 
 With bubblewrap (`apt-get install bubblewrap`) every run gets:
-- its own mount, PID, network, IPC and UTS namespaces: an empty root holding only /usr (and the
-  interpreter's standard library) read-only, a private /proc, a minimal /dev, and a fresh
-  size-limited tmpfs /tmp as its working directory. Host files (the project, /root, /etc)
-  are not there to read or write; the network namespace has no route out.
-- an unprivileged uid with no capabilities, no_new_privs and a scrubbed environment. Started
-  as root, bwrap only builds the namespaces and each run drops to a fresh uid of its own, with a
-  seccomp filter that refuses new user namespaces; started as another user, the run keeps that
-  uid inside a user namespace that may not create further ones.
-- rlimits on CPU time, address space, processes, file size and core dumps, a wall-clock
-  timeout and an output cap; when any is hit the whole PID namespace is killed, so even a
-  daemonised grandchild dies with it.
+- its own mount, PID, network, IPC, UTS and cgroup namespaces: an empty root holding only the
+  interpreter, its standard library and the system library directory it loads from, read-only;
+  a private /proc with the host's kernel command line, keys and /proc/1's command line and mounts
+  hidden; a minimal /dev with a small /dev/shm; and a fresh size-limited tmpfs /tmp as its
+  working directory. The network namespace has no route out.
+- an unprivileged uid of its own (from a range no account, subordinate-id range or directory
+  service uses), no capabilities, no_new_privs, a fresh anonymous session keyring (the
+  launcher's keyring is out of reach) and a scrubbed environment.
+- a seccomp allowlist (`sqlm_jax/seccomp.py`): what CPython and its standard library use, with
+  socket() limited to AF_UNIX/AF_INET/AF_INET6; keyring calls, io_uring, userfaultfd, ptrace,
+  bpf, mount, new namespaces and the rest fail.
+- rlimits on CPU time, address space, processes, file size and core dumps, a wall-clock timeout
+  and an output cap, and where cgroups can be created (`cgroup_mode()`), a memory cgroup of its
+  own whose limit counts everything the run holds: processes, /tmp, SysV shared memory, memfds
+  and kernel memory, plus a pids limit. Without cgroups, SysV shared memory and memfds are
+  refused (and the IPC namespace's shm sysctls are 0), so the per-process RLIMIT_AS and the
+  tmpfs sizes bound what a run holds. When a limit is hit the whole sandbox is killed, so even
+  a daemonised grandchild dies with it; on a host out of memory, sandboxed processes are the
+  kernel's first choice to kill (oom_score_adj 1000), not the trainer.
+
+A small supervisor inside the sandbox (still root, so the program cannot signal or trace it)
+reports the program's raw wait status, so `sys.exit(137)` is exit code 137 and a SIGKILL is -9.
 
 Without bubblewrap `run` refuses unless the caller opts into a weaker mode
-(`allow_unsandboxed=True`), which keeps the rlimits, the uid drop (when root), a new session,
-a fresh temporary cwd, a scrubbed environment and, where `unshare` works, private network and
-PID namespaces, but shows the program the host filesystem.
+(`allow_unsandboxed=True`), which keeps the rlimits, the seccomp filter, the cgroup, the uid
+drop (when root), a new session, a fresh temporary cwd, a scrubbed environment and, where
+`unshare` works, private network and PID namespaces, but shows the program the host filesystem.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
+import collections
 import concurrent.futures
 import dataclasses
+import errno
+import fcntl
 import functools
+import grp
+import itertools
 import json
 import math
 import os
-import platform
+import pwd
 import queue
 import selectors
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 from typing import Optional, Sequence
+
+from sqlm_jax import seccomp
 
 BWRAP_PATH = shutil.which("bwrap") or "/usr/bin/bwrap"
 UNSHARE_PATH = shutil.which("unshare") or "/usr/bin/unshare"
@@ -59,8 +78,10 @@ class Limits:
   timeout_s: float = 5.0
   cpu_s: Optional[int] = None
   memory_bytes: int = 512 << 20  # RLIMIT_AS of each process
-  # RLIMIT_NPROC, counting threads and the sandbox's init. Total memory can reach
-  # max_processes * memory_bytes, so keep both modest.
+  # Everything one run holds (processes, /tmp, shared memory, memfds, kernel memory), enforced by
+  # its memory cgroup where cgroups are available (cgroup_mode()).
+  run_memory_bytes: int = 512 << 20
+  # RLIMIT_NPROC, counting threads and the sandbox's init (and the cgroup's pids.max).
   max_processes: int = 8
   file_size_bytes: int = 16 << 20  # RLIMIT_FSIZE; the private /tmp holds twice this
   output_bytes: int = 1 << 20  # stdout + stderr read before the run is killed as output_limit
@@ -92,24 +113,77 @@ def outputs_match(stdout: str, expected: str) -> bool:
   return stdout.split() == expected.split()
 
 
-# The first code the sandboxed interpreter runs: set the limits, drop to the run's uid (when
-# started as root), then execute the program as __main__ in this same process, which saves a
-# second interpreter start and keeps setuid's no-exec path immune to RLIMIT_NPROC.
+# The first code the sandboxed interpreter runs. Still privileged, it joins the run's cgroups,
+# makes itself the host's first choice for the out-of-memory killer, turns off SysV shared memory
+# where no cgroup counts it, sets the rlimits and replaces the inherited session keyring with a
+# fresh anonymous one. It then forks: the parent stays root and only reports the program's wait
+# status (the program, another uid, cannot signal or trace it); the child drops to the run's uid,
+# installs the seccomp filter and executes the program as __main__ in this same process, which
+# saves a second interpreter start. _ctypes (not ctypes, ~10 ms to import) reaches keyctl/prctl.
 _WRAPPER = r"""
-import os, resource, sys
-uid, cpu, mem, nproc, fsize, fd = map(int, sys.argv[1:7])
-with os.fdopen(fd, "rb") as f:
+import os, resource, sys, _ctypes
+uid, cpu, mem, nproc, fsize, source_fd, filter_fd, status_fd, nr_keyctl, no_shm = map(
+    int, sys.argv[1:11])
+for fd in map(int, filter(None, sys.argv[11].split(","))):
+  os.write(fd, b"0")  # cgroup.procs of the run's cgroups, opened by the launcher
+  os.close(fd)
+def put(path, text):
+  try:
+    with open(path, "w") as f:
+      f.write(text)
+  except OSError:
+    pass
+put("/proc/self/oom_score_adj", "1000")
+for name in ("shmmax", "shmall", "shmmni") if no_shm else ():
+  put("/proc/sys/kernel/" + name, "0")  # this run's own IPC namespace
+with os.fdopen(source_fd, "rb") as f:
   source = f.read()
+with os.fdopen(filter_fd, "rb") as f:
+  bpf = f.read()
 for what, soft, hard in ((resource.RLIMIT_CPU, cpu, cpu + 1), (resource.RLIMIT_AS, mem, mem),
                          (resource.RLIMIT_NPROC, nproc, nproc), (resource.RLIMIT_CORE, 0, 0),
                          (resource.RLIMIT_FSIZE, fsize, fsize), (resource.RLIMIT_NOFILE, 256, 256)):
   resource.setrlimit(what, (soft, hard))
 with open("main.py", "wb") as f:
   f.write(source)
+class Long(_ctypes._SimpleCData):
+  _type_ = "l"
+class Char(_ctypes._SimpleCData):
+  _type_ = "c"
+class Libc:
+  _handle = _ctypes.dlopen(None)
+class Function(_ctypes.CFuncPtr):
+  _flags_ = _ctypes.FUNCFLAG_CDECL | _ctypes.FUNCFLAG_USE_ERRNO
+  _restype_ = Long
+def call(name, *args):
+  result = Function((name, Libc))(*map(Long, args))
+  if result == -1:
+    raise OSError(_ctypes.get_errno(), f"{name}{args}: {os.strerror(_ctypes.get_errno())}")
+try:
+  call("syscall", nr_keyctl, 1, 0)  # KEYCTL_JOIN_SESSION_KEYRING, anonymous
+except OSError as e:
+  if e.errno != 38:  # ENOSYS: a kernel without keyrings
+    raise
+pid = os.fork()
+if pid:
+  call("prctl", 4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0: no /proc/<pid>/fd access for the program
+  _, status, usage = os.wait4(pid, 0)
+  os.write(status_fd, b"%d %.3f" % (status, usage.ru_utime + usage.ru_stime))
+  os._exit(0)
+os.close(status_fd)
 if os.getuid() == 0:
   os.setgroups([])
   os.setresgid(uid, uid, uid)
   os.setresuid(uid, uid, uid)
+def buffer(data):
+  array = type("Array", (_ctypes.Array,), {"_type_": Char, "_length_": len(data)})
+  return array.from_buffer_copy(data)
+code = buffer(bpf)
+fprog = buffer((len(bpf) // 8).to_bytes(2, "little") + bytes(6)
+               + _ctypes.addressof(code).to_bytes(8, "little"))
+call("prctl", 38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
+call("prctl", 22, 2, _ctypes.addressof(fprog), 0, 0)  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
+del code, fprog, bpf, buffer, call, Function, Libc, Long, Char, put
 main = type(sys)("__main__")
 main.__file__ = "main.py"
 sys.modules["__main__"] = main
@@ -119,88 +193,378 @@ exec(compile(source, "main.py", "exec"), main.__dict__)
 
 
 # ------------------------------------------------------------------------------------------
-# uids: RLIMIT_NPROC counts every process of a uid, so concurrent runs sharing one uid would let
-# a fork bomb in one starve the others. Each live run therefore gets its own uid.
+# uids. RLIMIT_NPROC counts every process of a uid, so concurrent runs sharing one uid would let
+# a fork bomb in one starve the others: each live run gets its own uid. They come from above the
+# ranges SSSD, FreeIPA and Active Directory id mapping hand out (up to 2,000,200,000) and below
+# systemd's foreign-uid range and 2^31; a launcher claims a block by a lock file (so concurrent
+# launchers never share uids), checks it against passwd, group, /etc/subuid and /etc/subgid, and
+# hands its uids out in order. A uid is reused only after its run's processes are gone, and only
+# under the seccomp filter, which refuses every keyring call: a run cannot create a key, so no
+# keyring of that uid exists to reach the next run. Without a filter uids are never reused.
 
-_UID_BASE = 200_000 + (os.getpid() % 4096) * 256
-_free_uids: "queue.SimpleQueue[int]" = queue.SimpleQueue()
-for _uid in range(_UID_BASE, _UID_BASE + 256):
-  _free_uids.put(_uid)
+UID_RANGE = (2_000_200_000, 2_147_352_576)
+UID_BLOCK = 1 << 16
+_KNOWN_ID_RANGES = (  # (first, end): ids other software hands out
+    (0, 65_536),  # system and login accounts, nobody, systemd's dynamic users
+    (100_000, 200_000),  # the usual start of /etc/subuid allocations
+    (200_000, 2_000_200_000),  # SSSD / FreeIPA / Active Directory id mapping
+    (2_147_352_576, 2_147_418_112),  # systemd's foreign uids
+    (2_147_483_648, 4_294_967_296),  # >= 2^31: mishandled by some tools
+)
+
+
+def _subordinate_ranges(path: str) -> list[tuple[int, int]]:
+  ranges = []
+  try:
+    for line in open(path):
+      fields = line.strip().split(":")
+      if len(fields) == 3 and fields[1].isdigit() and fields[2].isdigit():
+        ranges.append((int(fields[1]), int(fields[1]) + int(fields[2])))
+  except OSError:
+    pass
+  return ranges
+
+
+def uid_range_conflicts(first: int, end: int) -> list[str]:
+  """What on this system already uses ids in [first, end); [] when the range is free."""
+  found = []
+  overlaps = lambda lo, hi: lo < end and first < hi
+  found += [f"user {p.pw_name} (uid {p.pw_uid})" for p in pwd.getpwall()
+            if first <= p.pw_uid < end]
+  found += [f"group {g.gr_name} (gid {g.gr_gid})" for g in grp.getgrall()
+            if first <= g.gr_gid < end]
+  for path in ("/etc/subuid", "/etc/subgid"):
+    found += [f"{path} range {lo}-{hi - 1}" for lo, hi in _subordinate_ranges(path)
+              if overlaps(lo, hi)]
+  found += [f"reserved range {lo}-{hi - 1}" for lo, hi in _KNOWN_ID_RANGES if overlaps(lo, hi)]
+  return found
+
+
+class _Uids:
+  """This process's block of per-run uids: new ones in order, then finished ones, oldest first."""
+
+  def __init__(self):
+    self._lock = threading.Lock()
+    self._lock_file = None
+    self.block = None  # range of this process's uids
+    self._next = 0
+    self._finished = collections.deque()
+
+  def _claim_block(self):
+    lock_dir = "/run/lock" if os.access("/run/lock", os.W_OK) else tempfile.gettempdir()
+    blocks = (UID_RANGE[1] - UID_RANGE[0]) // UID_BLOCK
+    for i in range(blocks):  # the lowest free block, so lock files stay few
+      first = UID_RANGE[0] + i * UID_BLOCK
+      if uid_range_conflicts(first, first + UID_BLOCK):
+        continue
+      fd = os.open(os.path.join(lock_dir, f"sqlm-sandbox-uids-{first}.lock"),
+                   os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except OSError:
+        os.close(fd)
+        continue
+      if self._lock_file is not None:
+        os.close(self._lock_file)
+      self._lock_file, self.block, self._next = fd, range(first, first + UID_BLOCK), first
+      return
+    raise RuntimeError(f"No free block of {UID_BLOCK} sandbox uids in {UID_RANGE}: each is used "
+                       "by this system (uid_range_conflicts) or locked by another launcher. "
+                       "Set sandbox.UID_RANGE to a range no account or service uses.")
+
+  def take(self) -> int:
+    with self._lock:
+      if self.block is None or (self._next == self.block.stop and not self._finished):
+        self._claim_block()
+      if self._next < self.block.stop:
+        self._next += 1
+        return self._next - 1
+      return self._finished.popleft()
+
+  def give_back(self, uid: int):
+    if seccomp.supported() and uid in self.block:
+      self._finished.append(uid)
+
+
+_uids = _Uids()
 
 
 # ------------------------------------------------------------------------------------------
-# seccomp: as root, bwrap cannot both drop to an unprivileged uid and use --disable-userns, so a
-# small filter refuses unshare(), clone(CLONE_NEWUSER) and clone3 (libc falls back to clone).
+# Memory cgroups: one per run, under a directory this process creates in its own cgroup (so the
+# run's limits nest inside whatever limits the launcher itself runs under). The sandboxed wrapper
+# joins it through cgroup.procs descriptors opened here, before any program code runs.
 
-_SECCOMP_ARCH = {  # machine: (AUDIT_ARCH, unshare, clone, clone3, x32 bit)
-    "x86_64": (0xC000003E, 272, 56, 435, 0x40000000),
-    "aarch64": (0xC00000B7, 97, 220, 435, 0),
-}
-
-
-def _seccomp_program() -> Optional[bytes]:
-  """Classic BPF for seccomp, or None on an architecture not in _SECCOMP_ARCH."""
-  if platform.machine() not in _SECCOMP_ARCH:
-    return None
-  arch, nr_unshare, nr_clone, nr_clone3, x32 = _SECCOMP_ARCH[platform.machine()]
-  ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06
-  allow, eperm, enosys = 0x7FFF0000, 0x00050000 | 1, 0x00050000 | 38
-  clone_newuser = 0x10000000
-  insns = [
-      (ld, 0, 0, 4),  # 0: arch
-      (jeq, 1, 0, arch),  # 1: native arch? -> 3
-      (ret, 0, 0, enosys),  # 2: other ABIs (i386 via int 0x80) are refused
-      (ld, 0, 0, 0),  # 3: syscall number
-      (jge, 0, 1, x32) if x32 else (jeq, 0, 1, 0xFFFFFFFF),  # 4: x32 ABI -> refuse
-      (ret, 0, 0, enosys),  # 5
-      (jeq, 0, 1, nr_unshare),  # 6
-      (ret, 0, 0, eperm),  # 7
-      (jeq, 0, 1, nr_clone3),  # 8
-      (ret, 0, 0, enosys),  # 9
-      (jeq, 1, 0, nr_clone),  # 10: clone -> 12
-      (ret, 0, 0, allow),  # 11
-      (ld, 0, 0, 16),  # 12: low 32 bits of clone's flags
-      (jset, 0, 1, clone_newuser),  # 13
-      (ret, 0, 0, eperm),  # 14
-      (ret, 0, 0, allow),  # 15
-  ]
-  return b"".join(struct.pack("=HBBI", *insn) for insn in insns)
+_run_ids = itertools.count()
+_leftover_cgroups: list[str] = []
 
 
-_SECCOMP = _seccomp_program()
+def _cgroup_mounts():
+  """(version, mount point, options) of this process's cgroup filesystems."""
+  for line in open("/proc/self/mountinfo"):
+    left, right = line.split(" - ", 1)
+    fstype, _, options = right.split()[:3]
+    if fstype in ("cgroup", "cgroup2"):
+      mount = left.split()[4].replace("\\040", " ")
+      yield ("v2" if fstype == "cgroup2" else "v1"), mount, set(options.split(","))
+
+
+def _own_cgroups() -> dict[str, str]:
+  """{controllers of a hierarchy ('' for v2): this process's path in it}."""
+  own = {}
+  for line in open("/proc/self/cgroup"):
+    _, controllers, path = line.rstrip("\n").split(":", 2)
+    own[controllers] = path
+  return own
+
+
+@functools.lru_cache(maxsize=None)
+def _cgroup_parents() -> tuple[tuple[str, str, str], ...]:
+  """((controller, version, directory), ...) under which runs get their cgroups; () if none can."""
+  try:
+    own = _own_cgroups()
+    found = {}
+    for version, mount, options in _cgroup_mounts():
+      for controller in ("memory", "pids"):
+        if controller in found:
+          continue
+        if version == "v2":
+          base = mount + own.get("", "/")
+          if controller in open(os.path.join(base, "cgroup.controllers")).read().split():
+            found[controller] = (version, base)
+        elif controller in options:
+          path = next(p for k, p in own.items() if controller in k.split(","))
+          found[controller] = (version, mount + path)
+  except (OSError, StopIteration, ValueError):
+    return ()
+  if "memory" not in found:
+    return ()
+  parents = []
+  for controller, (version, base) in found.items():
+    parent = os.path.join(base, f"sqlm-sandbox-{os.getpid()}")
+    try:
+      if version == "v2":
+        _enable_controller(base, controller)
+      os.makedirs(parent, exist_ok=True)
+      atexit.register(_remove_cgroup, parent, 1.0)
+      if version == "v2":
+        _enable_controller(parent, controller)
+    except OSError:
+      if controller == "memory":
+        return ()
+      continue  # no pids controller: RLIMIT_NPROC still bounds processes
+    parents.append((controller, version, parent))
+  return tuple(parents)
+
+
+def _enable_controller(directory: str, controller: str):
+  path = os.path.join(directory, "cgroup.subtree_control")
+  if controller not in open(path).read().split():
+    with open(path, "w") as f:
+      f.write(f"+{controller}")
+
+
+def cgroup_mode() -> str:
+  """'cgroup v2', 'cgroup v1' or 'none': how run memory is bounded in this process."""
+  versions = sorted({version for _, version, _ in _cgroup_parents()})
+  return f"cgroup {'+'.join(versions)}" if versions else "none"
+
+
+def _cgroup_settings(controller: str, version: str, limits: Limits):
+  """(file, value, required) for one run's cgroup."""
+  memory = str(limits.run_memory_bytes)
+  if controller == "pids":
+    return [("pids.max", str(limits.max_processes + 1), True)]  # + the status supervisor
+  if version == "v2":
+    return [("memory.max", memory, True), ("memory.swap.max", "0", False)]
+  # v1 counts kernel memory in memory.limit_in_bytes too; the kmem limit is set where the kernel
+  # still takes one, and memsw keeps swap from extending the limit.
+  return [("memory.limit_in_bytes", memory, True), ("memory.memsw.limit_in_bytes", memory, False),
+          ("memory.kmem.limit_in_bytes", memory, False)]
+
+
+def _make_run_cgroups(limits: Limits) -> tuple[list[str], list[int]]:
+  """Creates one run's cgroups; returns their directories and open cgroup.procs descriptors."""
+  name = f"run-{next(_run_ids)}"
+  dirs, fds = [], []
+  try:
+    for controller, version, parent in _cgroup_parents():
+      directory = os.path.join(parent, name)
+      if directory not in dirs:
+        os.mkdir(directory)
+        dirs.append(directory)
+        fds.append(os.open(os.path.join(directory, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC))
+      for file, value, required in _cgroup_settings(controller, version, limits):
+        try:
+          with open(os.path.join(directory, file), "w") as f:
+            f.write(value)
+        except OSError:
+          if required:
+            raise
+  except OSError:
+    for fd in fds:
+      os.close(fd)
+    for directory in dirs:
+      _remove_cgroup(directory, 1.0)
+    raise
+  return dirs, fds
+
+
+def _oom_kills(dirs: Sequence[str]) -> int:
+  """How many processes the run's memory limit killed (v1 memory.oom_control, v2 memory.events)."""
+  kills = 0
+  for directory in dirs:
+    for file in ("memory.events", "memory.oom_control"):
+      try:
+        for line in open(os.path.join(directory, file)):
+          if line.startswith("oom_kill "):
+            kills += int(line.split()[1])
+      except OSError:
+        pass
+  return kills
+
+
+def _remove_cgroup(directory: str, wait_s: float) -> bool:
+  """Kills what is left in a run's cgroup and removes it; False if it is still busy."""
+  deadline = time.monotonic() + wait_s
+  delay = 0.001
+  while True:
+    try:
+      os.rmdir(directory)
+      return True
+    except FileNotFoundError:
+      return True
+    except OSError as e:
+      if e.errno != errno.EBUSY or time.monotonic() > deadline:
+        return False
+    try:  # v2 kills the whole cgroup at once; v1 one pid at a time, all of them the run's
+      with open(os.path.join(directory, "cgroup.kill"), "w") as f:
+        f.write("1")
+    except OSError:
+      try:
+        for pid in open(os.path.join(directory, "cgroup.procs")).read().split():
+          os.kill(int(pid), signal.SIGKILL)
+      except OSError:
+        pass
+    time.sleep(delay)
+    delay = min(2 * delay, 0.02)
+
+
+def _remove_run_cgroups(dirs: Sequence[str]) -> bool:
+  global _leftover_cgroups
+  if _leftover_cgroups:
+    _leftover_cgroups = [d for d in _leftover_cgroups if not _remove_cgroup(d, 0)]
+  busy = [d for d in dirs if not _remove_cgroup(d, 2.0)]
+  _leftover_cgroups += busy
+  return not busy
 
 
 # ------------------------------------------------------------------------------------------
 # Command lines.
 
 
+def _elf_interpreter(path: str) -> Optional[str]:
+  """The dynamic loader an ELF executable names (PT_INTERP), or None."""
+  with open(path, "rb") as f:
+    head = f.read(64)
+    if head[:4] != b"\x7fELF" or head[4] != 2:  # 64-bit only
+      return None
+    order = "little" if head[5] == 1 else "big"
+    phoff = int.from_bytes(head[32:40], order)
+    phentsize, phnum = int.from_bytes(head[54:56], order), int.from_bytes(head[56:58], order)
+    for i in range(phnum):
+      f.seek(phoff + i * phentsize)
+      entry = f.read(phentsize)
+      if int.from_bytes(entry[0:4], order) == 3:  # PT_INTERP
+        f.seek(int.from_bytes(entry[8:16], order))
+        return f.read(int.from_bytes(entry[32:40], order)).rstrip(b"\0").decode()
+  return None
+
+
+def _system_library_dir() -> Optional[str]:
+  """The directory the C library was loaded from (e.g. /usr/lib/x86_64-linux-gnu)."""
+  for line in open("/proc/self/maps"):
+    path = line.split(maxsplit=5)[-1].strip()
+    if os.path.basename(path).startswith("libc.so") or os.path.basename(path).startswith("libc-"):
+      return os.path.dirname(os.path.realpath(path))
+  return None
+
+
+def _expose(path: str, args: list[str], made: set[str], bound: set[str]):
+  """Adds bwrap arguments showing host `path` read-only at the same place, with the symlinks on
+  the way recreated and parent directories world-searchable (bwrap would copy the host's modes,
+  and /root is 0700)."""
+  parts, current = path.strip("/").split("/"), "/"
+  while parts:
+    step = os.path.join(current, parts.pop(0))
+    if os.path.islink(step):
+      target = os.readlink(step)
+      if step not in made:
+        _make_parents(step, args, made)
+        args += ["--symlink", target, step]
+        made.add(step)
+      parts = os.path.normpath(os.path.join(current, target)).strip("/").split("/") + parts
+      current = "/"
+    else:
+      current = step
+  if not any(current == b or current.startswith(b + "/") for b in bound):
+    _make_parents(current, args, made)
+    args += ["--ro-bind", current, current]
+    made.add(current)
+    bound.add(current)
+
+
+def _make_parents(path: str, args: list[str], made: set[str]):
+  parents, parent = [], os.path.dirname(path)
+  while parent not in ("/", "") and parent not in made:
+    parents.insert(0, parent)
+    parent = os.path.dirname(parent)
+  for parent in parents:
+    args += ["--perms", "0755", "--dir", parent]
+  made.update(parents)
+
+
 def _readonly_binds() -> list[str]:
-  """bwrap arguments for /usr, the merged-/usr links, and the interpreter if it lives elsewhere."""
-  args = ["--ro-bind", "/usr", "/usr"]
-  for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64"):
-    if os.path.islink(top):
-      args += ["--symlink", os.readlink(top), top]
-    elif os.path.isdir(top):
-      args += ["--ro-bind", top, top]
+  """bwrap arguments for the interpreter, its standard library, libpython, the loader and the
+  system library directory; not /usr as a whole (no /usr/local, /usr/share, /usr/bin)."""
   stdlib = sysconfig.get_path("stdlib")
   libpython = os.path.join(sysconfig.get_config_var("LIBDIR") or "",
                            sysconfig.get_config_var("INSTSONAME") or "")
-  made = set()
-  for path in (PYTHON, stdlib, libpython):
-    if os.path.exists(path) and not path.startswith("/usr/"):
-      # bwrap would copy the host's modes onto the directories it creates (/root is 0700), which
-      # would hide the interpreter from the unprivileged uid: create them world-searchable.
-      parents, parent = [], os.path.dirname(path)
-      while parent not in ("/", "") and parent not in made:
-        parents.insert(0, parent)
-        parent = os.path.dirname(parent)
-      for parent in parents:
-        args += ["--perms", "0755", "--dir", parent]
-      made.update(parents)
-      args += ["--ro-bind", path, path]
-  if os.path.isdir(os.path.join(stdlib, "site-packages")):
-    args += ["--tmpfs", os.path.join(stdlib, "site-packages")]  # hide host packages
+  dynload = [p for p in sys.path if p.endswith("lib-dynload")]
+  paths = [PYTHON, stdlib, sysconfig.get_path("platstdlib"), *dynload, libpython,
+           _elf_interpreter(PYTHON), _system_library_dir()]
+  args, made, bound = [], set(), set()
+  # Directories first, so a file inside one is not bound a second time.
+  for path in sorted(filter(None, set(paths)), key=lambda p: (not os.path.isdir(p), p)):
+    if os.path.exists(path):
+      _expose(path, args, made, bound)
+  for packages in ("site-packages", "dist-packages"):
+    if os.path.isdir(os.path.join(stdlib, packages)):
+      args += ["--tmpfs", os.path.join(stdlib, packages)]  # hide host packages
   return args
+
+
+# What a run's /proc would otherwise tell about the host: its kernel's command line and config,
+# its keys, and (as pid 1 is bwrap's init) the launcher's command line and mounts.
+_HIDDEN_PROC = ("/proc/cmdline", "/proc/config.gz", "/proc/keys", "/proc/key-users",
+                "/proc/1/cmdline", "/proc/1/mountinfo", "/proc/1/mounts")
+
+
+@functools.lru_cache(maxsize=None)
+def _empty_file() -> str:
+  """An empty read-only host file to bind over what /proc should not show."""
+  directory = tempfile.mkdtemp(prefix="sqlm-sandbox-")
+  os.chmod(directory, 0o755)
+  atexit.register(shutil.rmtree, directory, True)
+  return os.path.join(directory, "empty")
+
+
+def _ensure_empty_file():
+  path = _empty_file()
+  if not os.path.exists(path):  # also after a /tmp cleaner removed it
+    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+    with open(path, "wb"):
+      pass
+    os.chmod(path, 0o444)
 
 
 @functools.lru_cache(maxsize=None)
@@ -213,8 +577,13 @@ def _bwrap_prefix(bwrap: str, tmp_bytes: int) -> tuple[str, ...]:
                  "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
   else:
     isolation = ["--unshare-all", "--unshare-user", "--disable-userns"]
+  hidden = []
+  for path in _HIDDEN_PROC:
+    if path.startswith("/proc/1/") or os.path.exists(path):
+      hidden += ["--ro-bind", _empty_file(), path]
   return tuple([bwrap, *isolation, "--die-with-parent", "--new-session", "--hostname", "sandbox",
-                *_readonly_binds(), "--proc", "/proc", "--dev", "/dev",
+                *_readonly_binds(), "--proc", "/proc", *hidden, "--dev", "/dev",
+                "--size", str(4 << 20), "--perms", "1777", "--tmpfs", "/dev/shm",
                 "--size", str(tmp_bytes), "--perms", "1777", "--tmpfs", "/tmp", "--chdir", "/tmp",
                 "--clearenv", *[a for k, v in _ENV.items() for a in ("--setenv", k, v)]])
 
@@ -225,6 +594,7 @@ def _bwrap_problem(bwrap: str) -> Optional[str]:
   if not os.access(bwrap, os.X_OK):
     return f"bubblewrap was not found at {bwrap!r}"
   try:
+    _ensure_empty_file()
     probe = subprocess.run([*_bwrap_prefix(bwrap, 1 << 20), PYTHON, "-I", "-S", "-c", "pass"],
                            capture_output=True, env=_ENV, timeout=30)
   except (OSError, subprocess.TimeoutExpired) as e:
@@ -259,6 +629,23 @@ def check_available(allow_unsandboxed: bool = False) -> bool:
       "filesystem with allow_unsandboxed=True (CLI: --unsafe-no-bwrap).")
 
 
+def describe() -> dict:
+  """What this process's runs get: which memory bound, seccomp, uid range."""
+  return {"bubblewrap": _bwrap_problem(BWRAP_PATH) or "works",
+          "memory": (f"{cgroup_mode()}: one memory cgroup per run (Limits.run_memory_bytes)"
+                     if _cgroup_parents() else
+                     "none: no cgroup can be created here; SysV shared memory and memfds are "
+                     "refused, each process is bounded by RLIMIT_AS"),
+          "seccomp": "allowlist" if seccomp.supported() else "none (unknown architecture)",
+          "uids": f"{UID_RANGE[0]}-{UID_RANGE[1] - 1}, blocks of {UID_BLOCK}"
+                  if os.geteuid() == 0 else f"the launcher's ({os.geteuid()})"}
+
+
+@functools.lru_cache(maxsize=None)
+def _filter(shared_memory: bool) -> bytes:
+  return seccomp.program(shared_memory)
+
+
 # ------------------------------------------------------------------------------------------
 # One run.
 
@@ -273,37 +660,50 @@ def run(program: str, stdin: str = "", expected: Optional[str] = None,
     limits.output_bytes "output_limit".
   """
   sandboxed = check_available(allow_unsandboxed)
-  uid = _free_uids.get()
+  if not seccomp.supported():
+    raise RuntimeError(f"No seccomp filter for this machine ({os.uname().machine}); "
+                       "sqlm_jax.seccomp has tables for x86_64 and aarch64.")
+  uid = _uids.take()
   cpu_s = limits.cpu_s if limits.cpu_s is not None else max(1, math.ceil(limits.timeout_s))
-  tmpdir = None
-  fds = []
+  tmpdir, fds, cgroup_dirs, status_r = None, [], [], None
+  cgroups_gone = True
   try:
+    cgroup_dirs, cgroup_fds = _make_run_cgroups(limits) if _cgroup_parents() else ([], [])
+    fds += cgroup_fds
     source_fd = _memfd("program", program.encode())
     stdin_fd = _memfd("stdin", stdin.encode())
-    fds += [source_fd, stdin_fd]
+    filter_fd = _memfd("filter", _filter(shared_memory=bool(cgroup_dirs)))
+    status_r, status_w = os.pipe()
+    fds += [source_fd, stdin_fd, filter_fd, status_w]
+    no_shm = int(sandboxed and not cgroup_dirs)
     wrapper = [PYTHON, "-I", "-S", "-c", _WRAPPER, str(uid), str(cpu_s), str(limits.memory_bytes),
-               str(limits.max_processes), str(limits.file_size_bytes), str(source_fd)]
+               str(limits.max_processes), str(limits.file_size_bytes), str(source_fd),
+               str(filter_fd), str(status_w), str(seccomp.NUMBERS[os.uname().machine]["keyctl"]),
+               str(no_shm), ",".join(map(str, cgroup_fds))]
     if sandboxed:
-      prefix = list(_bwrap_prefix(BWRAP_PATH, 2 * limits.file_size_bytes))
-      if _SECCOMP is not None and os.geteuid() == 0:
-        seccomp_r, seccomp_w = os.pipe()
-        os.write(seccomp_w, _SECCOMP)
-        os.close(seccomp_w)
-        fds.append(seccomp_r)
-        prefix += ["--seccomp", str(seccomp_r)]
-      cmd, cwd = prefix + wrapper, "/"
+      _ensure_empty_file()
+      cmd, cwd = list(_bwrap_prefix(BWRAP_PATH, 2 * limits.file_size_bytes)) + wrapper, "/"
     else:
       tmpdir = tempfile.mkdtemp(prefix="sandbox-")
       if os.geteuid() == 0:
         os.chown(tmpdir, uid, uid)
       cmd, cwd = list(_unshare_flags(UNSHARE_PATH)) + wrapper, tmpdir
-    return _execute(cmd, cwd, stdin_fd, fds, expected, limits, sandboxed)
+    result = _execute(cmd, cwd, stdin_fd, fds, status_r, expected, limits, cpu_s)
+    if result.exit_code == -signal.SIGKILL and _oom_kills(cgroup_dirs):
+      result = dataclasses.replace(result, status="crashed", stderr=result.stderr + (
+          f"\nsandbox: killed by the run's memory limit ({limits.run_memory_bytes} bytes)"))
+    return result
   finally:
-    for fd in fds:
+    for fd in fds:  # left open only when the sandbox did not start
       os.close(fd)
+    if status_r is not None:
+      os.close(status_r)
     if tmpdir is not None:
       shutil.rmtree(tmpdir, ignore_errors=True)
-    _free_uids.put(uid)
+    if cgroup_dirs:
+      cgroups_gone = _remove_run_cgroups(cgroup_dirs)
+    if cgroups_gone:
+      _uids.give_back(uid)  # a uid whose processes may still live is never handed out again
 
 
 def _memfd(name: str, data: bytes) -> int:
@@ -313,16 +713,19 @@ def _memfd(name: str, data: bytes) -> int:
   return fd
 
 
-def _execute(cmd, cwd, stdin_fd, fds, expected, limits, sandboxed) -> RunResult:
+def _execute(cmd, cwd, stdin_fd, fds, status_r, expected, limits, cpu_s) -> RunResult:
+  """Runs `cmd`, passing it `fds` (closed here once it has them)."""
   start = time.monotonic()
   deadline = start + limits.timeout_s
   try:
     proc = subprocess.Popen(cmd, stdin=stdin_fd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            pass_fds=[fd for fd in fds if fd != stdin_fd], cwd=cwd, env=_ENV,
-                            start_new_session=True)
+                            pass_fds=[fd for fd in fds if fd != stdin_fd], cwd=cwd,
+                            env=_ENV, start_new_session=True)
   except OSError as e:
     return RunResult("crashed", None, "", f"could not start the sandbox: {e}",
                      time.monotonic() - start)
+  while fds:  # the sandbox holds its own copies; the status pipe must reach EOF
+    os.close(fds.pop())
   out, err, killed_for = bytearray(), bytearray(), None
   with selectors.DefaultSelector() as sel:
     sel.register(proc.stdout, selectors.EVENT_READ, out)
@@ -350,19 +753,22 @@ def _execute(cmd, cwd, stdin_fd, fds, expected, limits, sandboxed) -> RunResult:
   proc.stdout.close()
   proc.stderr.close()
   elapsed = time.monotonic() - start
+  report = os.read(status_r, 64).split() if killed_for is None else []
 
   stdout = out.decode(errors="replace")
   stderr = err.decode(errors="replace")
-  rc = proc.returncode
   if killed_for is not None:
     status, exit_code = killed_for, None
+  elif len(report) != 2:
+    # No report: the sandbox could not be built, or the supervisor was killed.
+    status, exit_code = "crashed", None
+    stderr += f"\nsandbox: no exit status reported (launcher exit code {proc.returncode})"
   else:
-    # bwrap's init reports a signal death as 128 + signal; Popen as -signal.
-    sig = -rc if rc < 0 else (rc - 128 if sandboxed and rc > 128 else 0)
-    exit_code = -sig if sig else rc
-    if sig in (signal.SIGXCPU, signal.SIGKILL):
+    exit_code = os.waitstatus_to_exitcode(int(report[0]))
+    used_cpu_s = float(report[1])
+    if exit_code == -signal.SIGXCPU or (exit_code == -signal.SIGKILL and used_cpu_s >= cpu_s):
       status = "timeout"  # the CPU rlimit's soft then hard signal
-    elif rc != 0:
+    elif exit_code != 0:
       status = "crashed"
     elif expected is None or outputs_match(stdout, expected):
       status = "passed"

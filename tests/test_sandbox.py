@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import textwrap
 import threading
 import time
@@ -30,7 +31,7 @@ def run(program, stdin="", expected=None, limits=FAST, **kw):
 
 def sandbox_uid_processes():
   """Pids of live processes owned by one of this process's sandbox uids."""
-  uids = range(sandbox._UID_BASE, sandbox._UID_BASE + 256)
+  uids = sandbox._uids.block or range(0)
   found = []
   for pid in filter(str.isdigit, os.listdir("/proc")):
     try:
@@ -258,7 +259,9 @@ def test_cannot_write_outside_the_sandbox(tmp_path):
 
 def test_cannot_read_host_files():
   secret_paths = [str(REPO / "setup.py"), str(REPO), "/etc/shadow", "/etc/passwd", "/work",
-                  "/root/.bashrc", "/proc/1/environ", os.path.realpath(sys.prefix)]
+                  "/root/.bashrc", "/proc/1/environ", "/usr/local", "/usr/bin", "/usr/share",
+                  "/boot", "/sys", os.path.join(sysconfig.get_path("stdlib"), "site-packages",
+                                                "pytest")]
   result = run(f"""
       import os
       for path in {secret_paths!r}:
@@ -267,12 +270,13 @@ def test_cannot_read_host_files():
           print("read", path)
         except OSError as e:
           print("refused", path, type(e).__name__)
-      print("root holds", sorted(os.listdir("/root")))
+      print("root holds", sorted(os.listdir("/")))
   """)
   assert result.status == "passed"
   assert "read " not in result.stdout
-  assert "root holds ['.pyenv']" in result.stdout or "root holds []" in result.stdout \
-      or "refused /root" in result.stdout
+  # Only what the interpreter needs: its own directories, the loader's links, /usr/lib*.
+  top = {"tmp", "dev", "proc", "usr", "lib", "lib64", "bin", "root", "opt", "home"}
+  assert set(eval(result.stdout.split("root holds ")[1])) <= top
 
 
 def test_environment_is_scrubbed(monkeypatch):
@@ -331,8 +335,11 @@ def test_killing_the_parent_or_init_or_this_process_fails():
           print("refused", name, type(e).__name__)
       print("still here")
   """, stdin=f"{os.getpid()}\n")
-  assert result.status == "passed"
-  assert "killed" not in result.stdout and "still here" in result.stdout
+  # kill(-1) reports success even when every process it reaches refuses the signal (the kernel
+  # skips EPERM), so for "all" what counts is that the supervisor lived to report exit 0.
+  assert (result.status, result.exit_code) == ("passed", 0)
+  assert "killed parent" not in result.stdout and "killed init" not in result.stdout
+  assert "killed test" not in result.stdout and "still here" in result.stdout
 
 
 def test_interpreter_crash_via_ctypes_is_crashed():
@@ -348,15 +355,16 @@ def test_huge_file_hits_the_file_size_limit():
 
 def test_runs_unprivileged_and_cannot_make_namespaces():
   result = run("""
-      import os, subprocess
+      import ctypes, os
       status = open("/proc/self/status").read()
       print(os.getuid(), os.getgid(), os.getgroups())
       print([line for line in status.splitlines() if line.startswith(("CapEff", "NoNewPrivs"))])
-      print(subprocess.run(["unshare", "--user", "--net", "true"], capture_output=True).returncode)
+      libc = ctypes.CDLL(None, use_errno=True)
+      print(libc.unshare(0x10000000 | 0x40000000))  # CLONE_NEWUSER | CLONE_NEWNET
   """)
   assert result.status == "passed", result.stderr
   ids, caps, unshare_rc = result.stdout.splitlines()
   uid, gid, groups = ids.split(" ", 2)
   assert int(uid) != 0 and int(gid) != 0 and groups == "[]"
   assert caps == "['CapEff:\\t0000000000000000', 'NoNewPrivs:\\t1']"
-  assert unshare_rc != "0"
+  assert unshare_rc == "-1"
