@@ -1,0 +1,123 @@
+"""Sweeps: grid x seeds planned and checked up front, run as processes, rerun skips, results written."""
+
+import csv
+import json
+import os
+import shlex
+
+import pytest
+
+from sqlm_jax import sweep
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny.py")
+# A few seconds per run: two steps of 8 questions x 2 answers, 20 held-out problems.
+FAST = ["--config.total_steps=2", "--config.eval.every=0", "--config.eval.num_examples=20",
+        "--config.eval.num_samples=2", "--config.rollout.prompts_per_step=4",
+        "--config.rollout.proposals_per_prompt=2", "--config.rollout.answers_per_question=2",
+        "--config.log.progress_bar=False", "--config.log.tensorboard=False"]
+
+
+def test_dry_run_prints_one_main_command_per_run_and_runs_nothing(tmp_path, capsys):
+  workdir = tmp_path / "sweep"
+  code = sweep.main(["--config", TINY, "--workdir", str(workdir), "--grid",
+                     "proposer_update_every=1,1000000", "--grid", "rewards.proposer_shape=sqlm,rzero",
+                     "--seeds", "0,1,2", "--dry_run", "--config.total_steps=7"])
+  assert code == 0
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert len(lines) == 2 * 2 * 3
+  first = shlex.split(lines[0])
+  assert first[:3] == ["python", "-m", "sqlm_jax.main"]
+  arm = "proposer_update_every=1,rewards.proposer_shape=sqlm"
+  assert first[first.index("--workdir") + 1] == str(workdir / arm / "seed0")
+  assert {"--config.seed=0", "--config.proposer_update_every=1",
+          "--config.rewards.proposer_shape=sqlm", "--config.total_steps=7"} <= set(first)
+  last = shlex.split(lines[-1])
+  assert last[last.index("--workdir") + 1] == str(
+      workdir / "proposer_update_every=1000000,rewards.proposer_shape=rzero" / "seed2")
+  assert all("--config.total_steps=7" in line for line in lines)
+  assert not workdir.exists()
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--grid", "rewards.proposer_shape=sqlm,cubic"], "config.rewards.proposer_shape='cubic'"),
+    (["--grid", "rewards.proposer_shap=sqlm,rzero"], "config.rewards.proposer_shap is not a config key"),
+    (["--grid", "total_steps=2,many"], "--config.total_steps=many"),
+    (["--grid", "rollout.temperature=0.7,0"], "config.rollout.temperature=0.0 must be > 0"),
+    (["--config.rl.learnin_rate=3"], "config.rl.learnin_rate is not a config key"),
+    (["--grid", "seed=1,2"], "--seeds"),
+    (["--grid", "rl.kl_coef"], "--grid 'rl.kl_coef' is not KEY=VALUE"),
+    (["--grid", "rl.kl_coef=0", "--config.rl.kl_coef=0.1"], "both a --grid key and a --config"),
+    (["--seeds", "0,x"], "--seeds '0,x'"),
+])
+def test_bad_grid_keys_and_values_are_refused_by_name_before_anything_runs(tmp_path, capsys,
+                                                                           args, named):
+  workdir = tmp_path / "sweep"
+  assert sweep.main(["--config", TINY, "--workdir", str(workdir), *args]) == 2
+  assert named in capsys.readouterr().err
+  assert not workdir.exists()
+
+
+def test_arm_names_are_readable_and_filesystem_safe():
+  assert sweep.arm_name([("a.b", "1"), ("c", "sqlm")]) == "a.b=1,c=sqlm"
+  assert sweep.arm_name([]) == "default"
+  odd = sweep.arm_name([("model.path", "/x/y z")])
+  assert "/" not in odd and " " not in odd and odd.startswith("model.path=_x_y_z-")
+  assert odd != sweep.arm_name([("model.path", "/x/y_z")])  # still distinct after replacement
+
+
+def test_rerun_starts_only_unfinished_runs(tmp_path, monkeypatch):
+  runs = sweep.plan(TINY, [("rewards.proposer_shape", ["sqlm", "rzero"])], [0, 1], [],
+                    str(tmp_path))
+  finished = runs[1]
+  os.makedirs(finished.workdir)
+  with open(os.path.join(finished.workdir, "summary.json"), "w") as f:
+    json.dump({"steps": finished.total_steps, "base_accuracy": 0.5, "final_accuracy": 0.6}, f)
+  interrupted = runs[2]  # an earlier, shorter summary is not a finished run
+  os.makedirs(interrupted.workdir)
+  with open(os.path.join(interrupted.workdir, "summary.json"), "w") as f:
+    json.dump({"steps": 3}, f)
+  started = []
+  monkeypatch.setattr(sweep, "execute", lambda run: started.append(run) or 0)
+  failed = sweep.execute_all(runs, parallel=2, progress_bar=False)
+  assert sorted(r.workdir for r in started) == sorted(
+      r.workdir for r in runs if r is not finished)
+  assert {r.workdir for r in failed} == {r.workdir for r in started}  # they wrote no summary
+
+
+def test_tiny_sweep_writes_results_and_a_rerun_skips_finished_runs(tmp_path, capsys):
+  workdir = tmp_path / "sweep"
+  argv = ["--config", TINY, "--workdir", str(workdir), "--grid", "rewards.proposer_shape=sqlm,rzero",
+          "--seeds", "0,1", "--parallel", "2", "--no_progress_bar", *FAST]
+  assert sweep.main(argv) == 0, capsys.readouterr().err
+  arms = ["rewards.proposer_shape=sqlm", "rewards.proposer_shape=rzero"]
+  summaries = {(arm, seed): workdir / arm / f"seed{seed}" / "summary.json"
+               for arm in arms for seed in (0, 1)}
+  assert all(path.is_file() for path in summaries.values())
+
+  with open(workdir / "results.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert list(rows[0]) == ["rewards.proposer_shape", "seed", "base_accuracy", "final_accuracy",
+                           "gain", "pseudo_label_accuracy", "wall_seconds"]
+  assert [(r["rewards.proposer_shape"], r["seed"]) for r in rows] == [
+      ("sqlm", "0"), ("sqlm", "1"), ("rzero", "0"), ("rzero", "1")]
+  for row in rows:
+    summary = json.loads(summaries["rewards.proposer_shape=" + row["rewards.proposer_shape"],
+                                   int(row["seed"])].read_text())
+    assert float(row["base_accuracy"]) == pytest.approx(summary["base_accuracy"])
+    assert float(row["gain"]) == pytest.approx(summary["final_accuracy"]
+                                               - summary["base_accuracy"])
+    assert 0.0 <= float(row["pseudo_label_accuracy"]) <= 1.0
+    assert float(row["wall_seconds"]) > 0
+  table = (workdir / "results.md").read_text().splitlines()
+  assert len(table) == 2 + len(arms)
+  assert table[2].startswith("| rewards.proposer_shape=sqlm | 2 | ") and "±" in table[2]
+  assert (workdir / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+  mtimes = {key: path.stat().st_mtime_ns for key, path in summaries.items()}
+  assert sweep.main(argv) == 0
+  assert "4 runs (4 already finished)" in capsys.readouterr().out
+  assert {key: path.stat().st_mtime_ns for key, path in summaries.items()} == mtimes
+  for arm in arms:
+    info = json.loads((workdir / arm / "seed0" / "sweep_run.json").read_text())
+    assert info["attempts"] == 1 and info["returncode"] == 0
