@@ -319,7 +319,12 @@ def _own_cgroups() -> dict[str, str]:
 
 @functools.lru_cache(maxsize=None)
 def _cgroup_parents() -> tuple[tuple[str, str, str], ...]:
-  """((controller, version, directory), ...) under which runs get their cgroups; () if none can."""
+  """((controller, version, directory), ...) under which runs get their cgroups; () if none can.
+
+  SQLM_SANDBOX_CGROUPS=0 in the environment chooses the no-cgroup mode on purpose.
+  """
+  if os.environ.get("SQLM_SANDBOX_CGROUPS", "1") == "0":
+    return ()
   try:
     own = _own_cgroups()
     found = {}
@@ -835,14 +840,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m sqlm_jax.sandbox",
       description="Run one program in the sandbox exactly as training does; print JSON.")
-  parser.add_argument("program", help="path of the Python program to run")
+  parser.add_argument("program", nargs="?", help="path of the Python program to run")
   parser.add_argument("--stdin", help="file whose contents are the program's stdin")
   parser.add_argument("--expected", help="file holding the expected stdout")
   parser.add_argument("--timeout", type=float, default=DEFAULT_LIMITS.timeout_s,
                       help="wall-clock limit in seconds")
   parser.add_argument("--unsafe-no-bwrap", action="store_true",
                       help="without bubblewrap, run with rlimits only (host files visible)")
+  parser.add_argument("--describe", action="store_true",
+                      help="print which isolation this machine gives (memory mode, seccomp, uids)")
   args = parser.parse_args(argv)
+  if args.describe:
+    print(json.dumps(describe(), indent=2))
+    return 0
+  if args.program is None:
+    parser.error("give a PROGRAM to run, or --describe")
   read = lambda path: open(path, encoding="utf-8").read() if path else None
   try:
     result = run(read(args.program), read(args.stdin) or "", read(args.expected),
