@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sqlm_jax import sharding
 from sqlm_jax.models import transformer
 from sqlm_jax.models.config import ModelConfig
+from sqlm_jax.sharding import Layout
 
 
 @dataclasses.dataclass
@@ -79,31 +81,49 @@ def first_argmax(x: jax.Array) -> jax.Array:
   return jnp.min(jnp.where(x == top, iota, x.shape[-1]), axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "cache_length", "num_samples"))
-def prefill(params, config: ModelConfig, tokens, mask, cache_length: int, num_samples: int = 1):
+def prefill(params, tokens, mask, cache_length: int, num_samples: int, *, config: ModelConfig,
+            layout: Layout):
   """Runs left-padded prompts [B, P] into a fresh cache, then repeats it for N samples each.
 
-  Returns (last logits [B*N, V], cache with B*N rows, last positions [B*N]).
+  Returns (last logits [B*N, V], cache with B*N rows, last positions [B*N]); the repeated rows
+  are split over the mesh's batch axes.
   """
-  cache = transformer.init_cache(config, tokens.shape[0], cache_length)
+  cache = transformer.init_cache(config, tokens.shape[0], cache_length, layout=layout)
   positions = transformer.positions_from_mask(mask)
   logits, cache = transformer.forward_with_cache(params, config, tokens, positions, mask, cache,
-                                                 last_only=True)
-  repeat = lambda x, axis: jnp.repeat(x, num_samples, axis=axis) if num_samples > 1 else x
-  cache = {"k": tuple(repeat(k, 0) for k in cache["k"]), "v": tuple(repeat(v, 0) for v in cache["v"]),
-           "mask": repeat(cache["mask"], 0), "index": cache["index"]}
-  return repeat(logits[:, -1], 0), cache, repeat(positions[:, -1], 0)
+                                                 last_only=True, layout=layout)
+  def repeat(x, axes):
+    x = jnp.repeat(x, num_samples, axis=0) if num_samples > 1 else x
+    return layout.constrain(x, axes)
+
+  cache = {"k": tuple(repeat(k, transformer.CACHE_AXES) for k in cache["k"]),
+           "v": tuple(repeat(v, transformer.CACHE_AXES) for v in cache["v"]),
+           "mask": repeat(cache["mask"], ("batch", "cache_seq")), "index": cache["index"]}
+  return (repeat(logits[:, -1], ("batch", "vocab")), cache,
+          repeat(positions[:, -1], ("batch",)))
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "num_samples"),
-                   donate_argnames=("cache",))
-def decode(params, config: ModelConfig, cache, last_logits, last_position, num_prompts, key,
-           temperature, top_k, top_p, stop_ids, pad_id, *, max_new_tokens: int, num_samples: int):
+class SamplingState(NamedTuple):
+  """The decode loop's carry; R = rows (prompts x samples), L = max_new_tokens."""
+
+  step: jax.Array  # [] next column of `tokens` to write
+  tokens: jax.Array  # [R, L] int32, pad after the stop token
+  logprobs: jax.Array  # [R, L] float32
+  lengths: jax.Array  # [R] int32, stop token included
+  done: jax.Array  # [R] bool
+  cache: transformer.Cache
+  last_token: jax.Array  # [R] int32, the token the next step feeds
+
+
+def decode(params, cache, last_logits, last_position, num_prompts, key, temperature, top_k, top_p,
+           stop_ids, pad_id, max_new_tokens: int, num_samples: int, *, config: ModelConfig,
+           layout: Layout):
   """Samples up to max_new_tokens per row, each row stopping at a stop id.
 
   Rows are prompt-major (row = prompt * N + sample); last_position [rows] is the position of
   each prompt's last token; rows past num_prompts * N are batch padding. The cache is donated
-  and updated in place; it is returned only so its buffer can be reused.
+  (by `Sampler`) and updated in place; it is returned only so its buffer can be reused. The
+  tokens, log-probs and lengths come back replicated, so every process can read them all.
   """
   rows = last_logits.shape[0]
   params = transformer.inference_params(params, config)  # Once, not per step.
@@ -114,40 +134,57 @@ def decode(params, config: ModelConfig, cache, last_logits, last_position, num_p
     return token, jnp.where(done, 0.0, logp), done | jnp.isin(token, stop_ids)
 
   token, logp, done = choose(last_logits, 0, jnp.arange(rows) >= num_prompts * num_samples)
-  tokens = jnp.full((rows, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(token)
-  logprobs = jnp.zeros((rows, max_new_tokens), jnp.float32).at[:, 0].set(logp)
-  lengths = jnp.ones((rows,), jnp.int32)
+  start = SamplingState(
+      step=jnp.ones((), jnp.int32),
+      tokens=jnp.full((rows, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(token),
+      logprobs=jnp.zeros((rows, max_new_tokens), jnp.float32).at[:, 0].set(logp),
+      lengths=jnp.ones((rows,), jnp.int32), done=done, cache=cache, last_token=token)
 
-  def cond(state):
-    step, _, _, _, done, _, _ = state
-    return (step < max_new_tokens) & ~jnp.all(done)
+  def cond(state: SamplingState):
+    return (state.step < max_new_tokens) & ~jnp.all(state.done)
 
-  def body(state):
-    step, tokens, logprobs, lengths, done, cache, token = state
-    positions = (last_position + step)[:, None]
-    logits, cache = transformer.forward_with_cache(params, config, token[:, None], positions,
-                                                   jnp.ones((rows, 1), bool), cache)
-    token, logp, now_done = choose(logits[:, 0], step, done)
-    tokens = tokens.at[:, step].set(token)
-    logprobs = logprobs.at[:, step].set(logp)
-    lengths = lengths + (~done).astype(jnp.int32)
-    return step + 1, tokens, logprobs, lengths, now_done, cache, token
+  def body(state: SamplingState):
+    positions = (last_position + state.step)[:, None]
+    logits, cache = transformer.forward_with_cache(
+        params, config, state.last_token[:, None], positions, jnp.ones((rows, 1), bool),
+        state.cache, layout=layout)
+    token, logp, now_done = choose(logits[:, 0], state.step, state.done)
+    return SamplingState(step=state.step + 1,
+                         tokens=state.tokens.at[:, state.step].set(token),
+                         logprobs=state.logprobs.at[:, state.step].set(logp),
+                         lengths=state.lengths + (~state.done).astype(jnp.int32),
+                         done=now_done, cache=cache, last_token=token)
 
-  state = (jnp.ones((), jnp.int32), tokens, logprobs, lengths, done, cache, token)
-  _, tokens, logprobs, lengths, _, cache, _ = jax.lax.while_loop(cond, body, state)
-  return tokens, logprobs, lengths, cache
+  end = jax.lax.while_loop(cond, body, start)
+  whole = lambda x: jax.lax.with_sharding_constraint(x, layout.replicated)
+  return whole(end.tokens), whole(end.logprobs), whole(end.lengths), end.cache
 
 
 class Sampler:
-  """Samples completions for lists of token-id prompts of different lengths."""
+  """Samples completions for lists of token-id prompts of different lengths.
+
+  Compiled once per Sampler for its layout: the parameters' shardings are the jitted
+  functions' explicit in_shardings (host parameters are placed on the way in), prompts are
+  split over the batch axes, and the KV cache is donated from prefill to decode.
+  """
 
   def __init__(self, config: ModelConfig, pad_id: int, stop_ids: Sequence[int],
-               min_prompt_bucket: int = 16, min_batch_bucket: int = 1):
+               min_prompt_bucket: int = 16, min_batch_bucket: int = 1,
+               layout: Optional[Layout] = None):
     if not stop_ids:
       raise ValueError("Sampler needs at least one stop id (the tokenizer's eos).")
     self.config = config
+    self.layout = layout or sharding.default_layout()
+    params = sharding.param_shardings(self.layout, config)
+    self._prefill = jax.jit(
+        functools.partial(prefill, config=config, layout=self.layout),
+        static_argnums=(3, 4), in_shardings=(params, None, None))
+    self._decode = jax.jit(
+        functools.partial(decode, config=config, layout=self.layout),
+        static_argnums=(11, 12), donate_argnums=(1,),
+        in_shardings=(params,) + (None,) * 10)
     self.pad_id = int(pad_id)
-    self.stop_ids = jnp.asarray(sorted(set(int(i) for i in stop_ids)), jnp.int32)
+    self.stop_ids = np.asarray(sorted(set(int(i) for i in stop_ids)), np.int32)
     self.min_prompt_bucket = min_prompt_bucket
     self.min_batch_bucket = min_batch_bucket
 
@@ -173,13 +210,13 @@ class Sampler:
     if cache_length > self.config.max_position_embeddings:
       raise ValueError(f"Prompt bucket {tokens.shape[1]} + max_new_tokens {max_new_tokens} exceeds "
                        f"max_position_embeddings={self.config.max_position_embeddings}.")
-    logits, cache, last_position = prefill(params, self.config, tokens, mask, cache_length,
-                                           num_samples)
-    out, logprobs, lengths, _ = decode(
-        params, self.config, cache, logits, last_position, jnp.int32(len(prompts)), key,
-        jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p), self.stop_ids,
-        jnp.int32(self.pad_id), max_new_tokens=max_new_tokens, num_samples=num_samples)
+    logits, cache, last_position = self._prefill(
+        params, *self.layout.put_batch((tokens, mask)), cache_length, num_samples)
+    out, logprobs, lengths, _ = self._decode(
+        params, cache, logits, last_position, np.int32(len(prompts)),
+        jax.device_put(key, self.layout.replicated), np.float32(temperature), np.int32(top_k),
+        np.float32(top_p), self.stop_ids, np.int32(self.pad_id), max_new_tokens, num_samples)
     rows = len(prompts) * num_samples
-    out, logprobs, lengths = jax.device_get((out, logprobs, lengths))
+    out, logprobs, lengths = (sharding.to_host(x) for x in (out, logprobs, lengths))
     return SampleOutput(tokens=out[:rows], logprobs=logprobs[:rows], lengths=lengths[:rows],
                         prompt_tokens=tokens[:len(prompts)], prompt_mask=mask[:len(prompts)])

@@ -113,13 +113,13 @@ def test_changing_temperature_top_k_top_p_does_not_recompile(loaded):
   _, config, params = loaded
   sampler = sampling.Sampler(config, pad_id=0, stop_ids=[1])
   sampler(params, PROMPTS, jax.random.key(0), max_new_tokens=5, num_samples=2)
-  before = (sampling.prefill._cache_size(), sampling.decode._cache_size())
+  before = (sampler._prefill._cache_size(), sampler._decode._cache_size())
   for t, k, p in [(0.0, 0, 1.0), (0.3, 5, 0.9), (1.3, 1, 0.5), (1.0, 0, 0.95)]:
     sampler(params, PROMPTS, jax.random.key(1), max_new_tokens=5, num_samples=2, temperature=t,
             top_k=k, top_p=p)
   # Prompts of other lengths in the same bucket, and fewer prompts in the same batch bucket.
   sampler(params, [[3, 4], [5, 6, 7], [8]], jax.random.key(2), max_new_tokens=5, num_samples=2)
-  assert (sampling.prefill._cache_size(), sampling.decode._cache_size()) == before
+  assert (sampler._prefill._cache_size(), sampler._decode._cache_size()) == before
 
 
 def test_sampler_with_tokenizer_from_the_same_folder(qwen2_dir):

@@ -6,9 +6,13 @@ returns them so a mesh can shard the tree by rules. Layers are scanned (`nn.scan
 per-layer leaf has a leading `layers` axis and compile time does not grow with depth.
 
 The same layers serve training (`forward`, scanned, no cache), prefill and one-token decode
-(`forward_with_cache`, unrolled over per-layer weights and a per-layer KV cache, so that a decode
-step copies neither; its compile time does grow with depth): positions and the key mask are
+(`forward_with_cache`, unrolled over the layers and a per-layer KV cache, so that a decode
+step copies no cache; its compile time does grow with depth): positions and the key mask are
 explicit, so left-padded batches are exact.
+
+Given a `sharding.Layout`, activations and caches are pinned to it at layer boundaries (batch
+over the data and fsdp axes, heads and MLP width over the tensor axis), so XLA gathers the
+FSDP-sharded weights per layer instead of guessing a layout.
 """
 
 from __future__ import annotations
@@ -24,16 +28,24 @@ import numpy as np
 
 from sqlm_jax.models.config import ModelConfig
 
+Layout = Any  # sqlm_jax.sharding.Layout (not imported: the model does not depend on it)
+
 Params = dict[str, Any]
 # {"k", "v": L arrays [B, K, S, D], "mask": [B, S] bool, "index": []}. One buffer per layer, so a
 # decode step writes its new slot in place instead of slicing a stacked cache; slots on the
 # second-last axis, so attention reads each (row, kv head) as one [S, D] matrix, untransposed.
 Cache = dict[str, Any]
 _NEG_INF = -1e30  # Finite, so fully masked rows (left padding) give uniform weights, not NaN.
+ACTIVATION_AXES = ("batch", "seq", None)  # The residual stream [B, T, E]: whole rows per device.
+CACHE_AXES = ("batch", "kv_heads", "cache_seq", None)  # Each layer's K or V [B, K, S, D].
 
 
 def _param(module, name, shape, axes, init, dtype):
   return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+def _constrain(layout: Optional[Layout], x: jax.Array, axes: tuple) -> jax.Array:
+  return x if layout is None else layout.constrain(x, axes)
 
 
 def _einsum(spec: str, a: jax.Array, b: jax.Array, dtype) -> jax.Array:
@@ -91,6 +103,7 @@ class RMSNorm(nn.Module):
 
 class Attention(nn.Module):
   config: ModelConfig
+  layout: Optional[Layout] = None
 
   @nn.compact
   def __call__(self, x, positions, key_mask, layer_cache, cache_index):
@@ -117,10 +130,12 @@ class Attention(nn.Module):
       kk = RMSNorm(c.rms_norm_eps, "head_dim", dtype, pdtype, name="k_norm")(kk)
     inv_freq = rope_inv_freq(c)
     q, kk = apply_rope(q, positions, inv_freq), apply_rope(kk, positions, inv_freq)
+    q = _constrain(self.layout, q, ("batch", "seq", "heads", None))
 
     kk, v = kk.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, D]
     if layer_cache is not None:  # Write the new keys/values at cache_index, attend to the cache.
       kk, v = (_write_slots(cache, new, cache_index) for cache, new in zip(layer_cache, (kk, v)))
+      kk, v = (_constrain(self.layout, a, CACHE_AXES) for a in (kk, v))
       layer_cache = (kk, v)
 
     b, t = q.shape[:2]
@@ -158,6 +173,7 @@ def _write_slots(cache: jax.Array, new: jax.Array, index) -> jax.Array:
 
 class MLP(nn.Module):
   config: ModelConfig
+  layout: Optional[Layout] = None
 
   @nn.compact
   def __call__(self, x):
@@ -174,7 +190,8 @@ class MLP(nn.Module):
       gate = gate + _param(self, "gate_bias", (f,), ("mlp",), zeros, pdtype).astype(dtype)
       up = up + _param(self, "up_bias", (f,), ("mlp",), zeros, pdtype).astype(dtype)
     w_down = _param(self, "down_proj", (f, e), ("mlp", "embed"), init, pdtype).astype(dtype)
-    out = _einsum("btf,fe->bte", jax.nn.silu(gate) * up, w_down, dtype)
+    hidden = _constrain(self.layout, jax.nn.silu(gate) * up, ("batch", "seq", "mlp"))
+    out = _einsum("btf,fe->bte", hidden, w_down, dtype)
     if c.mlp_bias:
       out = out + _param(self, "down_bias", (e,), ("embed",), nn.initializers.zeros,
                          pdtype).astype(dtype)
@@ -183,21 +200,25 @@ class MLP(nn.Module):
 
 class DecoderLayer(nn.Module):
   config: ModelConfig
+  layout: Optional[Layout] = None
 
   @nn.compact
   def __call__(self, x, positions, key_mask, layer_cache=None, cache_index=0):
     c = self.config
     dtype, pdtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
     h = RMSNorm(c.rms_norm_eps, "embed", dtype, pdtype, name="input_layernorm")(x)
-    h, layer_cache = Attention(c, name="self_attn")(h, positions, key_mask, layer_cache, cache_index)
+    h, layer_cache = Attention(c, self.layout, name="self_attn")(h, positions, key_mask,
+                                                                 layer_cache, cache_index)
     x = x + h
     h = RMSNorm(c.rms_norm_eps, "embed", dtype, pdtype, name="post_attention_layernorm")(x)
-    return x + MLP(c, name="mlp")(h), layer_cache
+    x = x + MLP(c, self.layout, name="mlp")(h)
+    return _constrain(self.layout, x, ACTIVATION_AXES), layer_cache
 
 
 class Decoder(nn.Module):
   """The whole model without a cache (training, init); `forward_with_cache` reuses its parts."""
   config: ModelConfig
+  layout: Optional[Layout] = None
 
   @nn.compact
   def __call__(self, tokens, positions, key_mask):
@@ -205,25 +226,26 @@ class Decoder(nn.Module):
     dtype, pdtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
     embedding = _param(self, "embed_tokens", (c.vocab_size, c.hidden_size), ("vocab", "embed"),
                        nn.initializers.normal(0.02), pdtype)
-    x = jnp.take(embedding, tokens, axis=0).astype(dtype)
+    x = _constrain(self.layout, jnp.take(embedding, tokens, axis=0).astype(dtype), ACTIVATION_AXES)
     layer = DecoderLayer
     if c.remat:
       layer = nn.remat(layer, prevent_cse=False)
     layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
                      in_axes=(nn.broadcast, nn.broadcast), length=c.num_layers,
                      metadata_params={nn.PARTITION_NAME: "layers"})
-    x, _ = layers(c, name="layers")(x, positions, key_mask)
+    x, _ = layers(c, self.layout, name="layers")(x, positions, key_mask)
     x = RMSNorm(c.rms_norm_eps, "embed", dtype, pdtype, name="norm")(x)
     if c.tie_word_embeddings:
-      return _logits(x, embedding.T, dtype)
+      return _logits(x, embedding.T, dtype, self.layout)
     lm_head = _param(self, "lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"),
                      nn.initializers.normal(0.02), pdtype)
-    return _logits(x, lm_head, dtype)
+    return _logits(x, lm_head, dtype, self.layout)
 
 
-def _logits(x, head, dtype):
+def _logits(x, head, dtype, layout=None):
   """float32 logits [B, T, V] from final hidden states [B, T, E] and the head [E, V]."""
-  return _einsum("bte,ev->btv", x, head.astype(dtype), jnp.float32)
+  return _constrain(layout, _einsum("bte,ev->btv", x, head.astype(dtype), jnp.float32),
+                    ("batch", "seq", "vocab"))
 
 
 # ---- Functional API over plain parameter dicts ----------------------------------------------------
@@ -235,32 +257,41 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
 
 
 def forward(params: Params, config: ModelConfig, tokens: jax.Array, positions: jax.Array,
-            attention_mask: jax.Array) -> jax.Array:
+            attention_mask: jax.Array, layout: Optional[Layout] = None) -> jax.Array:
   """Full causal forward without a cache: tokens [B, T] -> float32 logits [B, T, V]."""
   t = tokens.shape[1]
   causal = jnp.tril(jnp.ones((t, t), bool))
   key_mask = causal[None] & attention_mask.astype(bool)[:, None, :]  # [B, T, T]
-  return Decoder(config).apply({"params": params}, tokens, positions, key_mask)
+  return Decoder(config, layout).apply({"params": params}, tokens, positions, key_mask)
 
 
-def init_cache(config: ModelConfig, batch: int, length: int, dtype=None) -> Cache:
+def init_cache(config: ModelConfig, batch: int, length: int, dtype=None,
+               layout: Optional[Layout] = None) -> Cache:
   shape = (batch, config.num_kv_heads, length, config.head_dim)
   dtype = jnp.dtype(dtype or config.dtype)
-  zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
-  return {"k": zeros, "v": zeros, "mask": jnp.zeros((batch, length), bool),
+  zeros = tuple(_constrain(layout, jnp.zeros(shape, dtype), CACHE_AXES)
+                for _ in range(config.num_layers))
+  return {"k": zeros, "v": zeros,
+          "mask": _constrain(layout, jnp.zeros((batch, length), bool), ("batch", "cache_seq")),
           "index": jnp.zeros((), jnp.int32)}
 
 
-def inference_params(params: Params, config: ModelConfig) -> Params:
-  """The parameters as `forward_with_cache` uses them: one tree per layer, in the compute dtype.
+def inference_params(params: Params, config: ModelConfig,
+                     per_layer: Optional[bool] = None) -> Params:
+  """The parameters as `forward_with_cache` uses them in a decode loop.
 
-  Call it once, outside a decode loop. XLA on CPU copies every weight it slices out of a
+  Call it once, outside the loop. On CPU (per_layer defaults to True there) it returns one
+  tree per layer in the compute dtype: XLA on CPU copies every weight it slices out of a
   stacked [L, ...] array (static slices too) and does not hoist those copies out of a loop, so
-  stacked parameters would cost a full copy of the model per generated token. The price is one
-  extra copy of the weights (in the compute dtype) while they are in use.
+  stacked parameters would cost a full copy of the model per generated token; the price is one
+  extra copy of the weights while they are in use. On accelerators, whose XLA reads a layer's
+  slice in place, that copy would only take memory from the KV cache: the stacked parameters
+  are returned as they are, and each layer is sliced (and cast) inside the step.
   """
   if isinstance(params["layers"], (tuple, list)):
     return params  # Already per layer.
+  if not (jax.default_backend() == "cpu" if per_layer is None else per_layer):
+    return params
   cast = lambda tree: jax.tree.map(lambda p: p.astype(config.dtype), tree)
   layers = tuple(cast(jax.tree.map(lambda p: p[i], params["layers"]))
                  for i in range(config.num_layers))
@@ -269,14 +300,14 @@ def inference_params(params: Params, config: ModelConfig) -> Params:
 
 def forward_with_cache(params: Params, config: ModelConfig, tokens: jax.Array,
                        positions: jax.Array, attention_mask: jax.Array, cache: Cache,
-                       last_only: bool = False) -> tuple[jax.Array, Cache]:
+                       last_only: bool = False,
+                       layout: Optional[Layout] = None) -> tuple[jax.Array, Cache]:
   """Runs T new tokens [B, T] through the cache (prefill when T > 1, decode when T == 1).
 
   The new keys go to slots [index, index + T); query i sees every valid slot up to its own.
   params: stacked or from `inference_params` (faster in a loop). Returns float32 logits
   [B, T, V], or only the last position's [B, 1, V] with last_only (what prefill needs).
   """
-  params = inference_params(params, config)
   t, s = tokens.shape[1], cache["mask"].shape[1]
   index = cache["index"]
   mask = jax.lax.dynamic_update_slice_in_dim(cache["mask"], attention_mask.astype(bool), index, 1)
@@ -284,9 +315,13 @@ def forward_with_cache(params: Params, config: ModelConfig, tokens: jax.Array,
   causal = jnp.arange(s)[None, :] <= query_slots[:, None]  # [T, S]
   key_mask = causal[None] & mask[:, None, :]  # [B, T, S]
   x = jnp.take(params["embed_tokens"], tokens, axis=0).astype(config.dtype)
-  layer = DecoderLayer(config)
+  x = _constrain(layout, x, ACTIVATION_AXES)
+  layer = DecoderLayer(config, layout)
+  per_layer = params["layers"]
+  if not isinstance(per_layer, (tuple, list)):  # Stacked [L, ...]: slice each layer here.
+    per_layer = [jax.tree.map(lambda p, i=i: p[i], per_layer) for i in range(config.num_layers)]
   ks, vs = [], []
-  for layer_params, k, v in zip(params["layers"], cache["k"], cache["v"]):
+  for layer_params, k, v in zip(per_layer, cache["k"], cache["v"]):
     x, (k, v) = layer.apply({"params": layer_params}, x, positions, key_mask, (k, v), index)
     ks.append(k)
     vs.append(v)
@@ -295,8 +330,8 @@ def forward_with_cache(params: Params, config: ModelConfig, tokens: jax.Array,
   x = RMSNorm(config.rms_norm_eps, "embed", config.dtype, config.param_dtype).apply(
       {"params": params["norm"]}, x)
   head = params["embed_tokens"].T if config.tie_word_embeddings else params["lm_head"]
-  return _logits(x, head, config.dtype), {"k": tuple(ks), "v": tuple(vs), "mask": mask,
-                                          "index": index + t}
+  return _logits(x, head, config.dtype, layout), {"k": tuple(ks), "v": tuple(vs), "mask": mask,
+                                                  "index": index + t}
 
 
 def init_params(config: ModelConfig, key: jax.Array) -> Params:
