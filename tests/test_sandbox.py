@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import textwrap
 import threading
 import time
@@ -368,3 +369,301 @@ def test_runs_unprivileged_and_cannot_make_namespaces():
   assert int(uid) != 0 and int(gid) != 0 and groups == "[]"
   assert caps == "['CapEff:\\t0000000000000000', 'NoNewPrivs:\\t1']"
   assert unshare_rc == "-1"
+
+
+# ------------------------------------------------------------------------------------------
+# Hardening: the seccomp allowlist, the keyring, memory outside the address space, exit status,
+# uids, what /proc shows.
+
+NR = sandbox.seccomp.NUMBERS[os.uname().machine]
+
+
+def cli(program, *flags, stdin=None, env=None, prefix=()):
+  """Runs `program` through `python -m sqlm_jax.sandbox` (the path training uses); its JSON."""
+  with tempfile.TemporaryDirectory() as tmp:
+    path = pathlib.Path(tmp) / "prog.py"
+    path.write_text(textwrap.dedent(program))
+    args = [str(path), "--timeout", "10", *flags]
+    if stdin is not None:
+      (pathlib.Path(tmp) / "stdin.txt").write_text(stdin)
+      args += ["--stdin", str(pathlib.Path(tmp) / "stdin.txt")]
+    out = subprocess.run([*prefix, sys.executable, "-m", "sqlm_jax.sandbox", *args],
+                         capture_output=True, text=True, cwd=REPO, check=True,
+                         env={**os.environ, **(env or {})}).stdout
+  return json.loads(out)
+
+
+STDLIB_PROGRAM = """
+import bisect, collections, concurrent.futures, datetime, decimal, fractions, functools, heapq
+import itertools, json, math, os, random, re, statistics, string, sys, threading, time
+sys.setrecursionlimit(20000)
+def depth(n):
+  return 0 if n == 0 else 1 + depth(n - 1)
+print(depth(8000))
+print(json.loads(json.dumps({"a": [1, 2.5, None, "é"]})))
+print(re.findall(r"\\d+", "a1b22c333"), re.sub(r"(\\w)(\\w)", r"\\2\\1", "abcd"))
+print(list(itertools.permutations(range(3)))[-1], list(itertools.accumulate([1, 2, 3])))
+print(collections.Counter("abracadabra").most_common(2), collections.deque([1, 2], maxlen=1))
+print(math.comb(60, 30), math.isqrt(10 ** 30), round(math.sin(1.0), 12))
+print(fractions.Fraction(1, 3) + fractions.Fraction(1, 6))
+decimal.getcontext().prec = 40
+print(decimal.Decimal(1) / decimal.Decimal(7))
+heap = [5, 1, 4, 2]
+heapq.heapify(heap)
+print([heapq.heappop(heap) for _ in range(4)], bisect.bisect_left([1, 3, 5], 4))
+print(functools.reduce(lambda a, b: a * b, range(1, 25)), functools.lru_cache()(abs)(-3))
+squares = []
+threads = [threading.Thread(target=lambda i=i: squares.append(i * i)) for i in range(6)]
+for t in threads:
+  t.start()
+for t in threads:
+  t.join()
+with concurrent.futures.ThreadPoolExecutor(3) as pool:
+  print(sorted(squares), list(pool.map(abs, [-1, -2, -3])))
+with open("data.txt", "w") as f:
+  f.write("line one\\nline two\\n")
+with open("data.txt") as f:
+  print(f.read().splitlines(), os.path.getsize("data.txt"))
+os.remove("data.txt")
+print(pow(3, 10 ** 6, 10 ** 9 + 7), (3 ** 200000).bit_length(), (7 ** 3000) % 1000003)
+random.seed(0)
+print(random.randint(1, 100), statistics.median([3, 1, 2]), string.ascii_lowercase[:3])
+time.sleep(0.01)
+print(datetime.date(2024, 2, 29) + datetime.timedelta(days=1))
+"""
+
+
+def test_standard_library_works_under_the_allowlist():
+  result = run(STDLIB_PROGRAM, limits=sandbox.Limits(timeout_s=10))
+  assert result.status == "passed", result.stderr
+  plain = subprocess.run([sandbox.PYTHON, "-I", "-S", "-c", STDLIB_PROGRAM], capture_output=True,
+                         text=True, check=True, cwd=tempfile.gettempdir()).stdout
+  assert result.stdout == plain and plain.startswith("8000\n")
+
+
+def test_refused_syscalls_and_socket_families():
+  result = cli(f"""
+      import ctypes, socket
+      for family, name in ((40, "vsock"), (16, "netlink"), (17, "packet"), (1, "unix"),
+                           (2, "inet"), (10, "inet6")):
+        try:
+          socket.socket(family, socket.SOCK_RAW if family in (16, 17) else socket.SOCK_STREAM)
+          print(name, "open")
+        except OSError as e:
+          print(name, "refused", e.errno)
+      libc = ctypes.CDLL(None, use_errno=True)
+      for name, nr in {dict((n, NR[n]) for n in ("io_uring_setup", "userfaultfd", "keyctl",
+                                                  "add_key", "request_key", "unshare"))!r}.items():
+        result = libc.syscall(ctypes.c_long(nr), *[ctypes.c_long(0)] * 5)
+        print(name, result, ctypes.get_errno())
+      print("Seccomp:", open("/proc/self/status").read().split("Seccomp:")[1].split()[0])
+  """)
+  assert result["status"] == "passed", result["stderr"]
+  lines = dict(line.split(" ", 1) for line in result["stdout"].splitlines())
+  assert lines["vsock"] == lines["netlink"] == lines["packet"] == "refused 97"  # EAFNOSUPPORT
+  assert lines["unix"] == lines["inet"] == lines["inet6"] == "open"
+  assert lines["io_uring_setup"] == lines["userfaultfd"] == "-1 38"  # ENOSYS
+  assert lines["keyctl"] == lines["add_key"] == lines["request_key"] == "-1 1"  # EPERM
+  assert lines["unshare"] == "-1 1" and lines["Seccomp:"] == "2"
+
+
+# Joins a new session keyring holding a key, runs PROGRAM through the sandbox CLI (optionally with
+# a filter that allows everything, to test the keyring change on its own), then lists what its
+# own session keyring holds afterwards.
+KEYRING_LAUNCHER = """
+import ctypes, json, sys
+from sqlm_jax import sandbox
+nr = sandbox.seccomp.NUMBERS[__import__("os").uname().machine]
+libc = ctypes.CDLL(None, use_errno=True)
+L = ctypes.c_long
+program, perm, allow_all = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
+assert libc.syscall(L(nr["keyctl"]), L(1), b"sqlm-test-session") > 0  # JOIN_SESSION_KEYRING
+key = libc.syscall(L(nr["add_key"]), b"user", b"sqlm-secret", b"hunter2", L(7), L(-3))
+assert key > 0 and libc.syscall(L(nr["keyctl"]), L(5), L(key), L(perm)) == 0  # SETPERM
+session = libc.syscall(L(nr["keyctl"]), L(0), L(-3), L(0))  # GET_KEYRING_ID
+if allow_all:
+  sandbox._filter = lambda shared_memory: (0x06).to_bytes(2, "little") + bytes(2) + (
+      0x7FFF0000).to_bytes(4, "little")
+with open(program + ".in", "w") as f:
+  f.write(f"{key} {session}\\n")
+sys.stdout = open(program + ".json", "w")
+sandbox.main([program, "--stdin", program + ".in", "--timeout", "10"])
+sys.stdout.close()
+buffer = ctypes.create_string_buffer(4096)
+n = libc.syscall(L(nr["keyctl"]), L(11), L(session), buffer, L(4096))  # READ: the key ids
+ids = [int.from_bytes(buffer.raw[i:i + 4], "little") for i in range(0, min(n, 4096), 4)]
+print(json.dumps({"result": json.load(open(program + ".json")), "keys_after": ids, "key": key}),
+      file=sys.__stdout__)
+"""
+
+KEYRING_PROGRAM = """
+import ctypes
+key, launcher_session = map(int, input().split())
+libc = ctypes.CDLL(None, use_errno=True)
+L = ctypes.c_long
+nr = {nr!r}
+print("proc_keys", open("/proc/keys").read().count("sqlm-secret"))
+buffer = ctypes.create_string_buffer(64)
+got = libc.syscall(L(nr["keyctl"]), L(11), L(key), buffer, L(64))  # KEYCTL_READ
+print("read", got, ctypes.get_errno(), buffer.value.decode())
+session = libc.syscall(L(nr["keyctl"]), L(0), L(-3), L(0))
+print("same_session", session == launcher_session, ctypes.get_errno())
+planted = libc.syscall(L(nr["add_key"]), b"user", b"sqlm-planted", b"x", L(1), L(-3))
+print("add", planted, ctypes.get_errno())
+"""
+
+
+def keyring_attack(tmp_path, perm, allow_all):
+  program = tmp_path / "keyring.py"
+  program.write_text(KEYRING_PROGRAM.format(nr={k: NR[k] for k in ("keyctl", "add_key")}))
+  out = subprocess.run([sys.executable, "-c", KEYRING_LAUNCHER, str(program), str(perm),
+                        "1" if allow_all else "0"], capture_output=True, text=True, cwd=REPO,
+                       check=True).stdout
+  report = json.loads(out)
+  lines = dict(line.split(" ", 1) for line in report["result"]["stdout"].splitlines())
+  return report, lines
+
+
+def test_launchers_session_keyring_is_out_of_reach(tmp_path):
+  # The key grants everything to everyone (0x3f3f3f3f): only refusing the keyring calls hides it.
+  report, lines = keyring_attack(tmp_path, 0x3F3F3F3F, allow_all=False)
+  assert report["result"]["status"] == "passed", report["result"]["stderr"]
+  assert lines["proc_keys"] == "0"
+  assert lines["read"] == "-1 1 " and lines["add"] == "-1 1"  # EPERM from seccomp
+  assert report["keys_after"] == [report["key"]]  # nothing planted in the launcher's keyring
+
+
+def test_each_run_gets_a_fresh_session_keyring_even_without_the_filter(tmp_path):
+  # Possessor and owner rights only (the usual 0x3f010000): readable by whoever possesses the
+  # launcher's session keyring. With seccomp out of the way, the run still does not possess it.
+  report, lines = keyring_attack(tmp_path, 0x3F010000, allow_all=True)
+  assert report["result"]["status"] == "passed", report["result"]["stderr"]
+  assert lines["read"] == "-1 13 "  # EACCES: not possessed, not the owner
+  assert lines["same_session"].startswith("False")
+  assert int(lines["add"].split()[0]) > 0  # it went into the run's own keyring ...
+  assert report["keys_after"] == [report["key"]]  # ... not the launcher's
+
+
+def test_exit_codes_are_not_mistaken_for_signals():
+  exit137 = cli("import sys; sys.exit(137)")
+  assert (exit137["status"], exit137["exit_code"]) == ("crashed", 137)
+  killed = run("import os, signal; os.kill(os.getpid(), signal.SIGKILL)")
+  assert (killed.status, killed.exit_code) == ("crashed", -signal.SIGKILL)
+  assert run("import sys; sys.exit(128 + 24)").exit_code == 152
+
+
+def test_proc_hides_the_hosts_command_lines_keys_and_mounts():
+  result = run(f"""
+      for path in ("/proc/1/cmdline", "/proc/cmdline", "/proc/keys", "/proc/1/mountinfo"):
+        print(path, len(open(path).read()))
+      print("mounts", open("/proc/self/mountinfo").read().count({str(REPO)!r}))
+  """)
+  assert result.status == "passed", result.stderr
+  assert result.stdout.split() == ["/proc/1/cmdline", "0", "/proc/cmdline", "0", "/proc/keys",
+                                   "0", "/proc/1/mountinfo", "0", "mounts", "0"]
+  assert len(open("/proc/cmdline").read()) > 0  # the host's is not empty: the test can fail
+
+
+def test_each_live_run_has_its_own_uid_from_the_checked_range():
+  with sandbox.SandboxPool(workers=3, limits=FAST) as pool:
+    results = pool.run([("import os, time; time.sleep(0.2); print(os.getuid())", "", None)] * 6)
+  uids = [int(r.stdout) for r in results]
+  assert len(set(uids)) == 6 and all(uid in sandbox._uids.block for uid in uids)
+  assert sandbox.uid_range_conflicts(sandbox._uids.block.start, sandbox._uids.block.stop) == []
+  assert any("user root" in c for c in sandbox.uid_range_conflicts(0, 10))
+  assert sandbox.uid_range_conflicts(300_000, 300_001)  # directory-service id mapping
+
+
+def test_uids_are_reused_only_after_the_block_is_used_up(monkeypatch, tmp_path):
+  monkeypatch.setattr(sandbox, "UID_BLOCK", 3)
+  monkeypatch.setattr(sandbox.tempfile, "gettempdir", lambda: str(tmp_path))
+  monkeypatch.setattr(sandbox.os, "access", lambda path, mode: False)  # locks under tmp_path
+  uids = sandbox._Uids()
+  first = [uids.take(), uids.take()]
+  uids.give_back(first[0])
+  third = uids.take()
+  assert third == first[1] + 1  # a new uid while the block has any
+  assert uids.take() == first[0]  # then the oldest finished one
+  fresh = uids.take()  # none free: another block, never a uid still in use
+  assert fresh not in first + [third] and fresh == uids.block.start
+
+
+# Asks for 3 GiB of SysV shared memory, then 1 GiB of memfds, touching every page.
+MEMORY_ATTACK = """
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+libc.shmat.restype = ctypes.c_void_p
+libc.shmat.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_int)
+libc.shmdt.argtypes = (ctypes.c_void_p,)
+chunk = 256 << 20
+held = 0
+for i in range(12):
+  shmid = libc.shmget(0, chunk, 0o1600)  # IPC_PRIVATE, IPC_CREAT | 0600
+  if shmid < 0:
+    print("shmget refused", ctypes.get_errno(), flush=True)
+    break
+  address = libc.shmat(shmid, None, 0)
+  ctypes.memset(address, 1, chunk)
+  libc.shmdt(address)
+  held += chunk
+  print("held", held >> 20, flush=True)
+for i in range(4):
+  try:
+    fd = os.memfd_create(f"m{i}")
+  except OSError as e:
+    print("memfd refused", e.errno, flush=True)
+    break
+  for _ in range(16):
+    os.write(fd, b"x" * (16 << 20))
+  held += chunk
+  print("held", held >> 20, flush=True)
+"""
+
+
+def shmem_bytes():
+  return int(open("/proc/meminfo").read().split("Shmem:")[1].split()[0]) << 10
+
+
+def make_guard_cgroup(limit_bytes):
+  """A memory cgroup of the test's own, beside the sandbox's, so that a regression cannot take
+  the machine's memory: (directory, file holding its peak usage)."""
+  parents = dict((c, (v, d)) for c, v, d in sandbox._cgroup_parents())
+  if "memory" not in parents:
+    return None
+  version, parent = parents["memory"]
+  guard = os.path.join(os.path.dirname(parent), f"sqlm-test-guard-{uuid.uuid4().hex[:8]}")
+  os.mkdir(guard)
+  files = ({"memory.max": limit_bytes, "memory.swap.max": 0} if version == "v2" else
+           {"memory.limit_in_bytes": limit_bytes, "memory.memsw.limit_in_bytes": limit_bytes})
+  for file, value in files.items():
+    if os.path.exists(os.path.join(guard, file)):
+      with open(os.path.join(guard, file), "w") as f:
+        f.write(str(value))
+  return guard, os.path.join(guard, "memory.peak" if version == "v2" else
+                                    "memory.max_usage_in_bytes")
+
+
+@pytest.mark.parametrize("cgroups", ["1", "0"])
+def test_shared_memory_and_memfds_stay_bounded_and_leave_nothing(cgroups):
+  guard = make_guard_cgroup(1280 << 20)
+  if guard is None:
+    pytest.skip("no memory cgroup can be created here to contain the attack")
+  guard_dir, peak_file = guard
+  before = shmem_bytes()
+  try:
+    result = cli(MEMORY_ATTACK, env={"SQLM_SANDBOX_CGROUPS": cgroups},
+                 prefix=["sh", "-c", f'echo $$ > {guard_dir}/cgroup.procs && exec "$@"', "sh"])
+    peak = int(open(peak_file).read())
+  finally:
+    sandbox._remove_cgroup(guard_dir, 5.0)
+  held = [int(line.split()[1]) for line in result["stdout"].splitlines() if line.startswith("held")]
+  if cgroups == "1":  # counted by the run's memory cgroup, killed at its limit
+    assert result["status"] == "crashed" and "memory limit" in result["stderr"], result
+    assert max(held, default=0) < 1024
+  else:  # no cgroup: refused outright
+    assert "shmget refused 38" in result["stdout"] and "memfd refused 38" in result["stdout"]
+  assert peak < (768 << 20), f"the guard cgroup peaked at {peak >> 20} MiB"
+  deadline = time.monotonic() + 10  # the IPC namespace is freed shortly after the run
+  while shmem_bytes() > before + (64 << 20) and time.monotonic() < deadline:
+    time.sleep(0.1)
+  assert shmem_bytes() <= before + (64 << 20)
