@@ -53,6 +53,7 @@ class Run:
   workdir: str
   total_steps: int
   argv: tuple[str, ...]  # sqlm_jax.main's arguments
+  heldout: tuple[str, str] = ("", "")  # (config.eval.heldout, config.eval.data_dir)
 
   def command(self, python: str = "python") -> list[str]:
     return [python, "-m", "sqlm_jax.main", *self.argv]
@@ -162,8 +163,17 @@ def plan(config_path: str, grids: Sequence[tuple[str, list[str]]], seeds: Sequen
       run_dir = os.path.join(workdir, arm, f"seed{seed}")
       argv = ("--config", config_path, "--workdir", run_dir, f"--config.seed={seed}",
               *(f"--config.{k}={v}" for k, v in arm_overrides))
-      runs.append(Run(arm, grid, seed, run_dir, int(config.total_steps), argv))
+      runs.append(Run(arm, grid, seed, run_dir, int(config.total_steps), argv,
+                      (config.eval.heldout, config.eval.data_dir)))
   return runs
+
+
+def prepare_heldout(runs: Sequence[Run]) -> None:
+  """Prepares each held-out set once here: runs preparing the same one at once would race."""
+  from sqlm_jax import datasets
+  for name, data_dir in dict.fromkeys(run.heldout for run in runs):
+    if name in datasets.HELDOUT_SETS:
+      datasets.load_heldout(name, data_dir or None)
 
 
 def _read_json(path: str) -> Optional[dict]:
@@ -359,6 +369,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
   finished = sum(is_finished(run) for run in runs)
   print(f"{len(runs)} runs ({finished} already finished) in {args.workdir}", flush=True)
+  prepare_heldout(runs)
   failed = execute_all(runs, args.parallel, progress_bar=not args.no_progress_bar)
   write_results(runs, args.workdir)
   print(f"results: {os.path.join(args.workdir, 'results.csv')}, results.md, sweep.png")

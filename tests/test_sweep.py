@@ -85,39 +85,51 @@ def test_rerun_starts_only_unfinished_runs(tmp_path, monkeypatch):
   assert {r.workdir for r in failed} == {r.workdir for r in started}  # they wrote no summary
 
 
+def test_results_table_is_mean_and_sd_over_seeds(tmp_path):
+  runs = sweep.plan(TINY, [("rl.learning_rate", ["1e-4", "3e-5"])], [0, 1, 2], [], str(tmp_path))
+  rows = [{"seed": r.seed, "base_accuracy": 0.7, "final_accuracy": f, "gain": f - 0.7,
+           "pseudo_label_accuracy": 0.9, "wall_seconds": 10.0}
+          for r, f in zip(runs, [0.8, 0.9, 1.0, 0.7, 0.7, 0.7])]
+  rows[5] = {"seed": 2}  # an unfinished run counts in neither mean
+  sweep.write_markdown(runs, rows, str(tmp_path / "results.md"))
+  table = (tmp_path / "results.md").read_text().splitlines()
+  assert table[2] == ("| rl.learning_rate=1e-4 | 3 | 0.700 ± 0.000 | 0.900 ± 0.100 | "
+                      "+20.0 ± 10.0 | 0.900 ± 0.000 | 10.000 ± 0.000 |")
+  assert table[3].startswith("| rl.learning_rate=3e-5 | 2 | 0.700 ± 0.000 | 0.700 ± 0.000 | "
+                             "+0.0 ± 0.0 |")
+
+
 def test_tiny_sweep_writes_results_and_a_rerun_skips_finished_runs(tmp_path, capsys):
   workdir = tmp_path / "sweep"
   argv = ["--config", TINY, "--workdir", str(workdir), "--grid", "rewards.proposer_shape=sqlm,rzero",
-          "--seeds", "0,1", "--parallel", "2", "--no_progress_bar", *FAST]
+          "--parallel", "2", "--no_progress_bar", *FAST]
   assert sweep.main(argv) == 0, capsys.readouterr().err
   arms = ["rewards.proposer_shape=sqlm", "rewards.proposer_shape=rzero"]
-  summaries = {(arm, seed): workdir / arm / f"seed{seed}" / "summary.json"
-               for arm in arms for seed in (0, 1)}
+  summaries = {arm: workdir / arm / "seed0" / "summary.json" for arm in arms}
   assert all(path.is_file() for path in summaries.values())
 
   with open(workdir / "results.csv") as f:
     rows = list(csv.DictReader(f))
   assert list(rows[0]) == ["rewards.proposer_shape", "seed", "base_accuracy", "final_accuracy",
                            "gain", "pseudo_label_accuracy", "wall_seconds"]
-  assert [(r["rewards.proposer_shape"], r["seed"]) for r in rows] == [
-      ("sqlm", "0"), ("sqlm", "1"), ("rzero", "0"), ("rzero", "1")]
+  assert [(r["rewards.proposer_shape"], r["seed"]) for r in rows] == [("sqlm", "0"),
+                                                                      ("rzero", "0")]
   for row in rows:
-    summary = json.loads(summaries["rewards.proposer_shape=" + row["rewards.proposer_shape"],
-                                   int(row["seed"])].read_text())
+    summary = json.loads(summaries["rewards.proposer_shape=" + row["rewards.proposer_shape"]]
+                         .read_text())
     assert float(row["base_accuracy"]) == pytest.approx(summary["base_accuracy"])
     assert float(row["gain"]) == pytest.approx(summary["final_accuracy"]
                                                - summary["base_accuracy"])
     assert 0.0 <= float(row["pseudo_label_accuracy"]) <= 1.0
     assert float(row["wall_seconds"]) > 0
   table = (workdir / "results.md").read_text().splitlines()
-  assert len(table) == 2 + len(arms)
-  assert table[2].startswith("| rewards.proposer_shape=sqlm | 2 | ") and "±" in table[2]
+  assert len(table) == 2 + len(arms) and table[2].startswith("| rewards.proposer_shape=sqlm | 1 |")
   assert (workdir / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-  mtimes = {key: path.stat().st_mtime_ns for key, path in summaries.items()}
+  mtimes = {arm: path.stat().st_mtime_ns for arm, path in summaries.items()}
   assert sweep.main(argv) == 0
-  assert "4 runs (4 already finished)" in capsys.readouterr().out
-  assert {key: path.stat().st_mtime_ns for key, path in summaries.items()} == mtimes
+  assert "2 runs (2 already finished)" in capsys.readouterr().out
+  assert {arm: path.stat().st_mtime_ns for arm, path in summaries.items()} == mtimes
   for arm in arms:
     info = json.loads((workdir / arm / "seed0" / "sweep_run.json").read_text())
     assert info["attempts"] == 1 and info["returncode"] == 0
