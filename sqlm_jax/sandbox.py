@@ -198,9 +198,10 @@ exec(compile(source, "main.py", "exec"), main.__dict__)
 # ranges SSSD, FreeIPA and Active Directory id mapping hand out (up to 2,000,200,000) and below
 # systemd's foreign-uid range and 2^31; a launcher claims a block by a lock file (so concurrent
 # launchers never share uids), checks it against passwd, group, /etc/subuid and /etc/subgid, and
-# hands its uids out in order. A uid is reused only after its run's processes are gone, and only
-# under the seccomp filter, which refuses every keyring call: a run cannot create a key, so no
-# keyring of that uid exists to reach the next run. Without a filter uids are never reused.
+# hands its uids out in order. A uid is reused only once the block is used up, after its run's
+# processes are gone (its cgroup removed), and only under the seccomp filter (run() requires it),
+# which refuses every keyring call: a run cannot create a key, so no keyring of that uid exists
+# to reach the next run.
 
 UID_RANGE = (2_000_200_000, 2_147_352_576)
 UID_BLOCK = 1 << 16
@@ -282,7 +283,7 @@ class _Uids:
       return self._finished.popleft()
 
   def give_back(self, uid: int):
-    if seccomp.supported() and uid in self.block:
+    if uid in self.block:
       self._finished.append(uid)
 
 

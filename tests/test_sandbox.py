@@ -557,10 +557,12 @@ def test_proc_hides_the_hosts_command_lines_keys_and_mounts():
       for path in ("/proc/1/cmdline", "/proc/cmdline", "/proc/keys", "/proc/1/mountinfo"):
         print(path, len(open(path).read()))
       print("mounts", open("/proc/self/mountinfo").read().count({str(REPO)!r}))
+      print("oom_score_adj", open("/proc/self/oom_score_adj").read())
   """)
   assert result.status == "passed", result.stderr
   assert result.stdout.split() == ["/proc/1/cmdline", "0", "/proc/cmdline", "0", "/proc/keys",
-                                   "0", "/proc/1/mountinfo", "0", "mounts", "0"]
+                                   "0", "/proc/1/mountinfo", "0", "mounts", "0",
+                                   "oom_score_adj", "1000"]
   assert len(open("/proc/cmdline").read()) > 0  # the host's is not empty: the test can fail
 
 
@@ -591,6 +593,7 @@ def test_uids_are_reused_only_after_the_block_is_used_up(monkeypatch, tmp_path):
 # Asks for 3 GiB of SysV shared memory, then 1 GiB of memfds, touching every page.
 MEMORY_ATTACK = """
 import ctypes, os
+print("shmmax", open("/proc/sys/kernel/shmmax").read().strip())
 libc = ctypes.CDLL(None, use_errno=True)
 libc.shmat.restype = ctypes.c_void_p
 libc.shmat.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_int)
@@ -662,6 +665,7 @@ def test_shared_memory_and_memfds_stay_bounded_and_leave_nothing(cgroups):
     assert max(held, default=0) < 1024
   else:  # no cgroup: refused outright
     assert "shmget refused 38" in result["stdout"] and "memfd refused 38" in result["stdout"]
+    assert "shmmax 0\n" in result["stdout"]
   assert peak < (768 << 20), f"the guard cgroup peaked at {peak >> 20} MiB"
   deadline = time.monotonic() + 10  # the IPC namespace is freed shortly after the run
   while shmem_bytes() > before + (64 << 20) and time.monotonic() < deadline:
