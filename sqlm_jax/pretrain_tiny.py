@@ -19,6 +19,15 @@ problem is ever in the corpus; the dev set (addition4's "validation" split, disj
 the base is settled: at a constant rate, 4-digit accuracy swings by tens of points between
 neighbouring evaluations, and a self-play gain would be hard to tell from that noise.
 
+`--stop_at_dev LO,HI` stops at the first evaluation (every `--eval_every` steps) whose dev
+greedy accuracy is in [LO, HI] and keeps that point's weights, e.g. a weak base:
+  python -m sqlm_jax.pretrain_tiny --out runs/weak_base --eval_every 10 --stop_at_dev 0.35,0.45
+The learning-rate schedule is always `--steps` long, so a stopped run is the same run cut short.
+A run is deterministic: the corpus comes from Python's `random` seeded by --seed (answered
+problems and questions from two streams), the weights and evaluation samples from jax keys of
+--seed, and nothing depends on hash or dict order; the same command on the same machine writes
+the same bytes.
+
 Writes a Hugging Face checkpoint (config.json, model.safetensors), char_tokenizer.json and
 pretrain_summary.json (the arguments and the dev metrics) into --out.
 """
@@ -236,13 +245,22 @@ def pretrain(out: str, steps: int = 900, batch_size: int = 128, lr: float = 3e-3
              warmup: int = 50, weight_decay: float = 0.01, seed: int = 0, layers: int = 4,
              hidden: int = 128, heads: int = 4, spec: CorpusSpec = CorpusSpec(),
              eval_every: int = 0, dev_examples: int = 0, heldout_data_dir: Optional[str] = None,
-             log=print, command: str = "") -> dict:
+             log=print, command: str = "",
+             stop_at_dev: Optional[tuple[float, float]] = None) -> dict:
   """Trains from scratch, writes the checkpoint folder and returns a summary dict.
 
   command: how this run was started, kept in pretrain_summary.json to remake the checkpoint.
+  stop_at_dev: (lo, hi): stop at the first evaluation with lo <= dev greedy <= hi.
   """
   if steps < 2:
     raise ValueError(f"--steps={steps}: needs at least 2 steps for the warm-up and decay.")
+  if stop_at_dev is not None:
+    lo, hi = stop_at_dev
+    if not 0 <= lo <= hi <= 1:
+      raise ValueError(f"--stop_at_dev {lo},{hi}: needs 0 <= LO <= HI <= 1.")
+    if eval_every < 1:
+      raise ValueError("--stop_at_dev needs --eval_every N (N >= 1): the band is checked at "
+                       "each evaluation.")
   start = time.time()
   tokenizer = CharTokenizer(tiny_addition.CHARS)
   config = model_config(layers, hidden, heads, tokenizer.vocab_size)
@@ -257,7 +275,7 @@ def pretrain(out: str, steps: int = 900, batch_size: int = 128, lr: float = 3e-3
   sampler = Sampler(config, tokenizer.pad_id, tokenizer.stop_ids)
   eval_key = jax.random.key(seed + 1)
 
-  history = []
+  history, dev_history, stopped_at = [], [], None
   for step in range(steps):
     texts = [make_document(rng, spec, excluded, question_rng) for _ in range(batch_size)]
     tokens, mask, scored = encode_documents(tokenizer, texts, spec.max_length())
@@ -266,10 +284,22 @@ def pretrain(out: str, steps: int = 900, batch_size: int = 128, lr: float = 3e-3
       history.append((step, float(loss)))
       log(f"step {step:5d}  loss {float(loss):.4f}  {time.time() - start:6.1f}s")
     if eval_every and step % eval_every == eval_every - 1 and step != steps - 1:
-      log(f"step {step:5d}  dev greedy {accuracy(sampler, tokenizer, params, dev, eval_key):.3f}")
+      dev_greedy = accuracy(sampler, tokenizer, params, dev, eval_key)
+      dev_history.append((step, dev_greedy))
+      log(f"step {step:5d}  dev greedy {dev_greedy:.3f}")
+      if stop_at_dev is not None and stop_at_dev[0] <= dev_greedy <= stop_at_dev[1]:
+        stopped_at = step
+        log(f"step {step:5d}  dev greedy in [{stop_at_dev[0]}, {stop_at_dev[1]}]: stopping")
+        break
   train_seconds = time.time() - start
 
   metrics = {"dev_greedy": accuracy(sampler, tokenizer, params, dev, eval_key)}
+  if stop_at_dev is not None and stopped_at is None:
+    in_band = stop_at_dev[0] <= metrics["dev_greedy"] <= stop_at_dev[1]
+    stopped_at = steps - 1 if in_band else None
+    log(f"dev greedy {metrics['dev_greedy']:.3f} at the end"
+        + ("" if in_band else f" never entered [{stop_at_dev[0]}, {stop_at_dev[1]}] at an "
+           "evaluation: the final weights are saved; try other --steps or corpus settings"))
   for temperature in (0.5, 0.7, 1.0):
     metrics[f"dev_majority8_t{temperature}"] = accuracy(sampler, tokenizer, params, dev,
                                                         eval_key, 8, temperature)
@@ -286,8 +316,10 @@ def pretrain(out: str, steps: int = 900, batch_size: int = 128, lr: float = 3e-3
   tokenizer.save(out)
   summary = {"command": command, "steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup,
              "weight_decay": weight_decay, "seed": seed, "corpus": dataclasses.asdict(spec),
+             "stop_at_dev": list(stop_at_dev) if stop_at_dev else None,
+             "stopped_at_step": stopped_at, "eval_every": eval_every,
              "num_params": config.num_params(), "train_seconds": round(train_seconds, 1),
-             "loss_history": history, "metrics": metrics}
+             "loss_history": history, "dev_history": dev_history, "metrics": metrics}
   with open(os.path.join(out, "pretrain_summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
   return summary
@@ -295,6 +327,11 @@ def pretrain(out: str, steps: int = 900, batch_size: int = 128, lr: float = 3e-3
 
 def _digits(text: str) -> tuple[int, ...]:
   return tuple(int(w) for w in text.split(","))
+
+
+def _band(text: str) -> tuple[float, float]:
+  lo, hi = (float(x) for x in text.split(","))
+  return lo, hi
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
@@ -318,6 +355,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   parser.add_argument("--same_size_fraction", type=float,
                       default=CorpusSpec.same_size_fraction)
   parser.add_argument("--eval_every", type=int, default=0, help="dev greedy accuracy every N steps")
+  parser.add_argument("--stop_at_dev", type=_band, default=None, metavar="LO,HI",
+                      help="stop when dev greedy accuracy first lies in [LO, HI] (needs "
+                      "--eval_every); the schedule stays --steps long")
   parser.add_argument("--dev_examples", type=int, default=0,
                       help="evaluate on this many dev problems (0 = all 300)")
   parser.add_argument("--heldout_data_dir", default=None,
@@ -332,7 +372,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                   args.weight_decay, args.seed, args.layers, args.hidden, args.heads, spec,
                   args.eval_every, args.dev_examples, heldout_dir,
                   command="python -m sqlm_jax.pretrain_tiny " + shlex.join(
-                      sys.argv[1:] if argv is None else argv))
+                      sys.argv[1:] if argv is None else argv), stop_at_dev=args.stop_at_dev)
 
 
 if __name__ == "__main__":

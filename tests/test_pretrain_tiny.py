@@ -5,6 +5,7 @@ import json
 import random
 
 import numpy as np
+import pytest
 
 from sqlm_jax import datasets, pretrain_tiny
 from sqlm_jax.models import load_pretrained
@@ -85,3 +86,35 @@ def test_same_size_problems_and_a_separate_question_stream():
   assert ([t for t in others if not is_question(t)]
           == [t for t in texts if not is_question(t)])
   assert [t for t in others if is_question(t)] != [t for t in texts if is_question(t)]
+
+
+def _small_run(out, *extra):
+  return pretrain_tiny.main(["--out", str(out), "--steps", "40", "--batch_size", "16",
+                             "--layers", "1", "--hidden", "16", "--heads", "2",
+                             "--dev_examples", "10", "--eval_every", "10", *extra])
+
+
+def test_stop_at_dev_keeps_the_first_evaluation_in_the_band_and_runs_are_deterministic(tmp_path):
+  # An untrained model answers no dev problem: 0 is in [0, 0.05] at the first evaluation.
+  first = _small_run(tmp_path / "a", "--stop_at_dev", "0,0.05")
+  again = _small_run(tmp_path / "b", "--stop_at_dev", "0,0.05")
+  assert first["stopped_at_step"] == 9 and first["stop_at_dev"] == [0.0, 0.05]
+  assert [tuple(point) for point in first["dev_history"]] == [(9, 0.0)]
+  assert first["metrics"]["dev_greedy"] == 0.0
+  assert first["loss_history"][-1][0] == 0  # no step after the stop was logged
+  for name in ("model.safetensors", "config.json"):
+    assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+  # Not stopped: the full 40 steps, the last dev evaluation at step 29, other weights.
+  full = _small_run(tmp_path / "c", "--stop_at_dev", "0.9,1")
+  assert full["stopped_at_step"] is None and [s for s, _ in full["dev_history"]] == [9, 19, 29]
+  assert full["loss_history"][-1][0] == 39
+  assert ((tmp_path / "a" / "model.safetensors").read_bytes()
+          != (tmp_path / "c" / "model.safetensors").read_bytes())
+
+
+def test_stop_at_dev_needs_evaluations(tmp_path):
+  with pytest.raises(ValueError, match="--stop_at_dev needs --eval_every"):
+    pretrain_tiny.main(["--out", str(tmp_path), "--steps", "4", "--stop_at_dev", "0.3,0.4"])
+  with pytest.raises(ValueError, match="0 <= LO <= HI <= 1"):
+    pretrain_tiny.main(["--out", str(tmp_path), "--steps", "4", "--eval_every", "2",
+                        "--stop_at_dev", "0.5,0.4"])
