@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 import shutil
 
+import jax
+
+from sqlm_jax import sharding
 from sqlm_jax.models import ModelConfig, save_pretrained
 
 # Files of a checkpoint folder that are not weights: copied so an export is self-contained.
@@ -15,8 +18,12 @@ def export(path: str, config: ModelConfig, params, tokenizer_from: str) -> None:
   """Writes params as config.json + model.safetensors in `path`, with the tokenizer files.
 
   Written to a temporary folder then renamed, so an interrupted export never leaves a
-  half-written checkpoint where a previous good one was.
+  half-written checkpoint where a previous good one was. Every process must call it (sharded
+  weights are gathered across processes); only process 0 writes.
   """
+  params = jax.tree.map(sharding.to_host, params)
+  if not sharding.is_writer():
+    return
   tmp = path.rstrip("/") + ".tmp"
   shutil.rmtree(tmp, ignore_errors=True)
   save_pretrained(tmp, config, params)

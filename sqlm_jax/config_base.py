@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from sqlm_jax import rl
+from sqlm_jax import rl, sharding
 
 REQUIRED = "__required__"  # Placeholder for fields the user must set (checked before any compile).
 
@@ -24,6 +24,23 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.remat = False  # Recompute layer activations in the backward pass to save memory.
   # Proposer and solver share one parameter pytree (the reference code) or train two copies.
   c.shared_weights = False
+
+  # The device mesh (sqlm_jax/sharding.py): sizes of its data / fsdp / tensor axes, whose product
+  # is the device count; one of them may be -1 (the remaining devices).
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = 1
+  c.mesh.fsdp = -1
+  c.mesh.tensor = 1
+  c.mesh.role_split = False  # Proposer and solver on half of the devices each (separate weights).
+  # Logical axis -> mesh axes ("data,fsdp"; "" = replicated), e.g. --config.mesh.rules.embed=.
+  c.mesh.rules = ml_collections.ConfigDict(
+      {name: ",".join((axes,) if isinstance(axes, str) else axes or ())
+       for name, axes in sharding.RULES.items()})
+  # Several processes (jax.distributed): auto = when the environment or coordinator says so.
+  c.mesh.distributed = "auto"  # auto | on | off
+  c.mesh.coordinator = ""  # "host:port" of process 0; "" = detected (TPU pods, SLURM, ...).
+  c.mesh.num_processes = 0  # With a coordinator: how many processes (0 = detected).
+  c.mesh.process_id = -1  # With a coordinator: this process's index (-1 = detected).
 
   c.task = ml_collections.ConfigDict()
   c.task.name = "arithmetic"  # arithmetic | algebra | generic | coding | tiny_addition

@@ -12,7 +12,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sqlm_jax import config_base, rewards, rl
+from sqlm_jax import config_base, rewards, rl, sharding
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.",
                                           lock_config=True)
@@ -64,6 +64,16 @@ def validate(config) -> None:
   if config.rewards.proposer_shape == "gaussian" and config.rewards.gaussian_width <= 0:
     raise ConfigError(f"config.rewards.gaussian_width={config.rewards.gaussian_width} must be > 0 "
                       "(the spread of the gaussian proposer reward in units of k / N, e.g. 0.2).")
+  _choice(config, "mesh.distributed", ("auto", "on", "off"))
+  sizes = [config.mesh.data, config.mesh.fsdp, config.mesh.tensor]
+  if sizes.count(-1) > 1 or any(v == 0 or v < -1 for v in sizes):
+    raise ConfigError(f"mesh.data={sizes[0]}, mesh.fsdp={sizes[1]}, mesh.tensor={sizes[2]}: each "
+                      "must be a positive integer, and at most one may be -1 (the remaining "
+                      "devices).")
+  try:
+    sharding.rules_from_config(config.mesh.rules)
+  except sharding.MeshError as error:
+    raise ConfigError(str(error)) from None
   if config.rl.kl_coef < 0:
     raise ConfigError(f"config.rl.kl_coef={config.rl.kl_coef} must be >= 0 (0 disables the KL).")
 
@@ -96,7 +106,13 @@ def main(argv) -> None:
   name = os.path.splitext(os.path.basename(config_flags.get_config_filename(flags.FLAGS["config"])))[0]
   workdir = _WORKDIR.value or os.path.join("runs", name)
   from sqlm_jax import selfplay  # Imported after validation: loading JAX takes seconds.
-  summary = selfplay.train(config, workdir)
+  try:
+    summary = selfplay.train(config, workdir)
+  except sharding.MeshError as error:
+    print(f"Config error: {error}", file=sys.stderr)
+    sys.exit(2)
+  if not sharding.is_writer():
+    return
   print(f"\nheld-out {summary['heldout_set']} {summary['heldout_split']} split "
         f"({summary['heldout_size']} problems), greedy accuracy:"
         f" base {summary['base_accuracy']:.3f} -> trained {summary['final_accuracy']:.3f}")

@@ -379,14 +379,14 @@ def _split_micro(x, micro_batch_size):
   return jnp.swapaxes(x.reshape((micro_batch_size, n_micro) + x.shape[1:]), 0, 1)
 
 
-def make_grad_fn(apply_fn, cfg, micro_batch_size):
+def make_grad_fn(apply_fn, cfg, micro_batch_size, layout=None):
   """(params, batch) -> (grads, metrics): the batch-loss gradient, accumulated over micro-batches.
 
   Peak memory is that of one micro-batch's forward and backward (logits [m, T, V]); the
   result equals the full-batch gradient for every loss_agg, because each micro-batch loss
   is divided by the whole batch's `loss_normaliser`. Gradients accumulate in float32 and
-  come back in the parameters' dtype. Not jitted: `make_update_fn` jits it, or wrap it in
-  `jax.jit` yourself.
+  come back in the parameters' dtype. With a `sharding.Layout`, each micro-batch's rows stay
+  split over the mesh's batch axes. Not jitted: `make_update_fn` jits it.
   """
   if micro_batch_size < 1:
     raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}.")
@@ -396,6 +396,8 @@ def make_grad_fn(apply_fn, cfg, micro_batch_size):
   loss_agg = _choice(cfg, "loss_agg", LOSS_AGGREGATIONS)
 
   def micro_loss(params, mb, normaliser):
+    if layout is not None:
+      mb = {k: layout.constrain(v, ("batch",) + (None,) * (v.ndim - 1)) for k, v in mb.items()}
     positions = positions_from_mask(mb["attention_mask"])
     logits = apply_fn(params, mb["tokens"], positions, mb["attention_mask"])  # [m, T, V]
     logprobs, entropy = token_logprobs(logits, mb["tokens"], temperature)
@@ -428,27 +430,39 @@ def make_grad_fn(apply_fn, cfg, micro_batch_size):
   return grad_fn
 
 
-def make_update_fn(apply_fn, optimizer, cfg, micro_batch_size):
-  """Jitted `update(params, opt_state, batch) -> (params, opt_state, metrics)`.
+def make_update_fn(apply_fn, optimizer, cfg, micro_batch_size, layout=None,
+                   param_shardings=None, opt_shardings=None):
+  """Jitted `update(params, opt_state, batches) -> (params, opt_state, metrics)`: the one update.
 
-  One optimizer step on the micro-batch-accumulated gradient (see `make_grad_fn`). params
-  and opt_state are donated: do not reuse the arrays passed in. metrics adds grad_norm, the
-  global norm before clipping, to those of `policy_loss`. B must be divisible by
-  micro_batch_size.
+  `batches` is one batch or a tuple of batches (one per role when proposer and solver share
+  weights): one optimizer step on the sum of their losses' gradients, each accumulated over
+  micro-batches (see `make_grad_fn`); metrics is a dict, or a tuple of dicts, with grad_norm
+  (the global norm of the summed gradient, before clipping) added to those of `policy_loss`.
+  params and opt_state are donated, so the update holds one copy of each: do not reuse the
+  arrays passed in. With shardings, they are the explicit in/out shardings of both (the
+  parameters' and optimizer state's layouts never change); batches keep the layout they come
+  with (`Layout.put_batch`). B must be divisible by micro_batch_size.
   """
-  grad_fn = make_grad_fn(apply_fn, cfg, micro_batch_size)
+  grad_fn = make_grad_fn(apply_fn, cfg, micro_batch_size, layout)
 
-  def update(params, opt_state, batch):
-    grads, metrics = grad_fn(params, batch)
-    metrics["grad_norm"] = optax.tree.norm(grads)
+  def update(params, opt_state, batches):
+    single = isinstance(batches, dict)
+    results = [grad_fn(params, batch) for batch in ((batches,) if single else batches)]
+    grads = jax.tree.map(lambda *g: sum(g[1:], g[0]), *[g for g, _ in results])
+    grad_norm = optax.tree.norm(grads)
+    metrics = tuple(dict(m, grad_norm=grad_norm) for _, m in results)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    return params, opt_state, metrics
+    return params, opt_state, metrics[0] if single else metrics
 
-  return jax.jit(update, donate_argnums=(0, 1))
+  if param_shardings is None:
+    return jax.jit(update, donate_argnums=(0, 1))
+  return jax.jit(update, donate_argnums=(0, 1),
+                 in_shardings=(param_shardings, opt_shardings, None),
+                 out_shardings=(param_shardings, opt_shardings, None))
 
 
-def make_logprob_fn(apply_fn, temperature, micro_batch_size):
+def make_logprob_fn(apply_fn, temperature, micro_batch_size, param_shardings=None):
   """Jitted `(params, tokens, attention_mask) -> logprobs [B, T]` of each target token.
 
   For the frozen reference's ref_logprobs, or to recompute old_logprobs with the training
@@ -473,7 +487,9 @@ def make_logprob_fn(apply_fn, temperature, micro_batch_size):
     # Undo the strided split: [n_micro, m, T] -> [m, n_micro, T] -> [B, T].
     return jnp.swapaxes(out, 0, 1).reshape(tokens.shape)
 
-  return jax.jit(logprob_fn)
+  if param_shardings is None:
+    return jax.jit(logprob_fn)
+  return jax.jit(logprob_fn, in_shardings=(param_shardings, None, None))
 
 
 # ---------------------------------------------------------------------------------------------

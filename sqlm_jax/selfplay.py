@@ -19,13 +19,11 @@ import time
 from typing import Any, Optional
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
-from sqlm_jax import checkpoints, diversity, evaluation, metrics as metrics_lib, rewards, rl
-from sqlm_jax.models import ModelConfig, forward, load_pretrained
+from sqlm_jax import checkpoints, diversity, evaluation, metrics as metrics_lib, rewards, rl, sharding
+from sqlm_jax.models import ModelConfig, forward, load_pretrained, read_config
 from sqlm_jax.sampling import SampleOutput, Sampler, bucket
 from sqlm_jax.tasks import get_task
 from sqlm_jax.tasks.base import Proposal, Task
@@ -50,20 +48,25 @@ class RunState:
 
 @dataclasses.dataclass
 class Setup:
-  """What stays fixed during a run: the model, tokenizer, task, compiled functions."""
+  """What stays fixed during a run: the model, tokenizer, task, layouts, compiled functions.
+
+  Dicts keyed by role ("proposer", "solver") hold each role's layout and sampler (the same
+  objects when the roles share the mesh); dicts keyed by parameter set ("policy" with shared
+  weights, else the roles) hold the donated update functions.
+  """
 
   config: ml_collections.ConfigDict
   model_config: ModelConfig
   tokenizer: Tokenizer
   task: Task
   topic: str
-  sampler: Sampler
-  grad_fn: Any
-  apply_updates: Any
+  layouts: dict[str, sharding.Layout]
+  samplers: dict[str, Sampler]
+  updates: dict[str, Any]
   lr_schedule: Any
-  ref_logprob_fn: Optional[Any]
-  ref_params: Optional[Any]
-  old_logprob_fn: Optional[Any]  # Set when sampling log-probs are not the policy's (top-k/p).
+  ref_logprob_fns: dict[str, Any]  # Empty without a KL term.
+  ref_params: dict[str, Any]  # The frozen starting weights, one copy per distinct layout.
+  old_logprob_fns: dict[str, Any]  # Set when sampling log-probs are not the policy's.
   heldout: list[dict]
   sandbox_pool: Optional[Any] = None
 
@@ -85,32 +88,78 @@ def make_task(config) -> tuple[Task, str]:
   return task, config.task.topic or task.default_topic
 
 
+def role_layouts(config) -> dict[str, sharding.Layout]:
+  """Each role's mesh: both on every device, or (mesh.role_split) half of the devices each.
+
+  With shared weights there is one parameter set, so the roles always share the mesh. A split
+  gives each role half of every process's devices, so both meshes span every process.
+  """
+  m = config.mesh
+  rules = sharding.rules_from_config(m.rules)
+  if not m.role_split or config.shared_weights:
+    layout = sharding.Layout(sharding.make_mesh(m.data, m.fsdp, m.tensor), rules)
+    return {role: layout for role in ROLES}
+  halves = {role: [] for role in ROLES}
+  for process in range(jax.process_count()):
+    local = [d for d in jax.devices() if d.process_index == process]
+    if len(local) % 2:
+      raise sharding.MeshError(f"mesh.role_split=True needs an even number of devices per "
+                               f"process; process {process} has {len(local)}.")
+    halves["proposer"] += local[:len(local) // 2]
+    halves["solver"] += local[len(local) // 2:]
+  return {role: sharding.Layout(sharding.make_mesh(m.data, m.fsdp, m.tensor, devices), rules)
+          for role, devices in halves.items()}
+
+
 def setup(config: ml_collections.ConfigDict) -> tuple[Setup, RunState]:
-  model_config, params = load_pretrained(config.model.path, dtype=config.model.dtype,
-                                         param_dtype=config.model.param_dtype,
-                                         remat=config.model.remat)
-  params = jax.device_put(params)
+  layouts = role_layouts(config)
+  model_config = read_config(config.model.path, config.model.dtype, config.model.param_dtype,
+                             remat=config.model.remat)
   tokenizer = load_tokenizer(config.model.path)
   task, topic = make_task(config)
-  sampler = Sampler(model_config, pad_id=tokenizer.pad_id, stop_ids=tokenizer.stop_ids)
-
-  def apply_fn(p, tokens, positions, mask):
-    return forward(p, model_config, tokens, positions, mask)
-
   optimizer = rl.make_optimizer(config.rl)
-
-  @jax.jit
-  def apply_updates(p, opt_state, grads):
-    updates, opt_state = optimizer.update(grads, opt_state, p)
-    return optax.apply_updates(p, updates), opt_state, optax.tree.norm(grads)
-
-  roles = ("policy",) if config.shared_weights else ROLES
-  copies = {role: params if i == 0 else jax.tree.map(jnp.copy, params)
-            for i, role in enumerate(roles)}
-  logprob_fn = rl.make_logprob_fn(apply_fn, config.rl.temperature, config.rl.micro_batch_size)
-  ref_params = jax.tree.map(jnp.copy, params) if config.rl.kl_coef > 0 else None  # Frozen start.
   filtered = config.rollout.top_k > 0 or config.rollout.top_p < 1.0
   recompute = config.rl.recompute_old_logprobs or filtered
+
+  def load(layout):
+    """The checkpoint read straight into `layout`'s parameter shardings."""
+    shardings = sharding.param_shardings(layout, model_config)
+    return load_pretrained(config.model.path, dtype=config.model.dtype,
+                           param_dtype=config.model.param_dtype, remat=config.model.remat,
+                           shardings=shardings)[1]
+
+  samplers, per_layout = {}, {}  # per_layout: id(layout) -> (sampler, logprob fn, shardings)
+  for role, layout in layouts.items():
+    if id(layout) not in per_layout:
+      shardings = sharding.param_shardings(layout, model_config)
+      apply_fn = functools.partial(_apply, config=model_config, layout=layout)
+      per_layout[id(layout)] = (
+          Sampler(model_config, pad_id=tokenizer.pad_id, stop_ids=tokenizer.stop_ids,
+                  layout=layout),
+          rl.make_logprob_fn(apply_fn, config.rl.temperature, config.rl.micro_batch_size,
+                             shardings),
+          shardings, apply_fn)
+    samplers[role] = per_layout[id(layout)][0]
+
+  params, opt_state, updates = {}, {}, {}
+  for key in (("policy",) if config.shared_weights else ROLES):
+    layout = layouts["solver" if key == "policy" else key]
+    _, _, shardings, apply_fn = per_layout[id(layout)]
+    params[key] = load(layout)
+    opt_shardings = sharding.like_params(optimizer, shardings,
+                                         jax.eval_shape(optimizer.init, params[key]),
+                                         layout.replicated)
+    opt_state[key] = jax.jit(optimizer.init, out_shardings=opt_shardings)(params[key])
+    updates[key] = rl.make_update_fn(apply_fn, optimizer, config.rl, config.rl.micro_batch_size,
+                                     layout, shardings, opt_shardings)
+  ref_params, ref_fns = {}, {}
+  if config.rl.kl_coef > 0:  # The frozen start, on each role's devices.
+    by_layout = {}
+    for role, layout in layouts.items():
+      if id(layout) not in by_layout:
+        by_layout[id(layout)] = load(layout)
+      ref_params[role] = by_layout[id(layout)]
+      ref_fns[role] = per_layout[id(layout)][1]
   heldout = evaluation.load_examples(config.eval.heldout, config.eval.num_examples,
                                      config.eval.data_dir, config.eval.split)
   pool = None
@@ -120,27 +169,31 @@ def setup(config: ml_collections.ConfigDict) -> tuple[Setup, RunState]:
                                limits=sandbox.Limits(timeout_s=config.sandbox.timeout_s),
                                allow_unsandboxed=config.sandbox.allow_unsandboxed)
   s = Setup(config=config, model_config=model_config, tokenizer=tokenizer, task=task, topic=topic,
-            sampler=sampler,
-            grad_fn=jax.jit(rl.make_grad_fn(apply_fn, config.rl, config.rl.micro_batch_size)),
-            apply_updates=apply_updates, lr_schedule=rl.make_lr_schedule(config.rl),
-            ref_logprob_fn=logprob_fn if ref_params is not None else None, ref_params=ref_params,
-            old_logprob_fn=logprob_fn if recompute else None, heldout=heldout,
-            sandbox_pool=pool)
-  state = RunState(step=0, params=copies,
-                   opt_state={role: optimizer.init(p) for role, p in copies.items()},
+            layouts=layouts, samplers=samplers, updates=updates,
+            lr_schedule=rl.make_lr_schedule(config.rl), ref_logprob_fns=ref_fns,
+            ref_params=ref_params,
+            old_logprob_fns={role: per_layout[id(layouts[role])][1] for role in ROLES}
+            if recompute else {},
+            heldout=heldout, sandbox_pool=pool)
+  state = RunState(step=0, params=params, opt_state=opt_state,
                    recent_questions=diversity.RecentQuestions(max_steps=10))
   return s, state
+
+
+def _apply(params, tokens, positions, mask, *, config, layout):
+  return forward(params, config, tokens, positions, mask, layout)
 
 
 # ---- Rollouts -> training batches -----------------------------------------------------------------
 
 
-def training_batch(s: Setup, out: SampleOutput, num_samples: int, rows: np.ndarray,
+def training_batch(s: Setup, role: str, out: SampleOutput, num_samples: int, rows: np.ndarray,
                    advantages: np.ndarray, weights: np.ndarray, params) -> dict[str, jax.Array]:
   """Prompt + completion rows of a SampleOutput as the batch dict rl.make_grad_fn expects.
 
   The completion part is trimmed to a length bucket and the rows padded (with copies of a real
   row at weight 0) to a bucketed multiple of the micro-batch, so shapes repeat across steps.
+  Every process builds the same host batch; `put_batch` keeps each process's rows only.
   """
   micro = s.config.rl.micro_batch_size
   prompt_rows = rows // num_samples
@@ -164,13 +217,13 @@ def training_batch(s: Setup, out: SampleOutput, num_samples: int, rows: np.ndarr
     if name == "sample_weight":
       filler = np.zeros_like(filler)
     batch[name] = np.concatenate([value, filler], 0)
-  batch = jax.tree.map(jnp.asarray, batch)
-  if s.ref_logprob_fn is not None:
-    batch["ref_logprobs"] = s.ref_logprob_fn(s.ref_params, batch["tokens"],
-                                             batch["attention_mask"]) * batch["loss_mask"]
-  if s.old_logprob_fn is not None:  # Score the sampled tokens with the trainer's forward pass.
-    batch["old_logprobs"] = s.old_logprob_fn(params, batch["tokens"],
-                                             batch["attention_mask"]) * batch["loss_mask"]
+  batch = s.layouts[role].put_batch(batch)
+  if role in s.ref_logprob_fns:
+    batch["ref_logprobs"] = s.ref_logprob_fns[role](s.ref_params[role], batch["tokens"],
+                                                    batch["attention_mask"]) * batch["loss_mask"]
+  if role in s.old_logprob_fns:  # Score the sampled tokens with the trainer's forward pass.
+    batch["old_logprobs"] = s.old_logprob_fns[role](params, batch["tokens"],
+                                                    batch["attention_mask"]) * batch["loss_mask"]
   return batch
 
 
@@ -211,7 +264,7 @@ def train_step(s: Setup, state: RunState, key: jax.Array) -> tuple[RunState, dic
   t0 = time.perf_counter()
   proposer_prompt = encode_chat(tok, task.proposer_messages(s.topic))
   num_proposals = c.rollout.prompts_per_step * c.rollout.proposals_per_prompt
-  proposals_out = s.sampler(
+  proposals_out = s.samplers["proposer"](
       state.params[role_key(c, "proposer")], [proposer_prompt], jax.random.fold_in(key, 0),
       max_new_tokens=c.rollout.max_proposal_tokens, num_samples=num_proposals,
       temperature=c.rollout.temperature, **sampling)
@@ -230,7 +283,7 @@ def train_step(s: Setup, state: RunState, key: jax.Array) -> tuple[RunState, dic
   t0 = time.perf_counter()
   answers_out = None
   if questions:
-    answers_out = s.sampler(
+    answers_out = s.samplers["solver"](
         state.params[role_key(c, "solver")], solver_prompts, jax.random.fold_in(key, 1),
         max_new_tokens=c.rollout.max_answer_tokens, num_samples=n,
         temperature=c.rollout.temperature, **sampling)
@@ -269,12 +322,11 @@ def train_step(s: Setup, state: RunState, key: jax.Array) -> tuple[RunState, dic
   # 5. Update: solver groups are the N answers of a question; proposer groups the M proposals
   #    of a topic prompt, with invalid proposals masked (weight 0, excluded from the statistics).
   t0 = time.perf_counter()
-  grads, update_metrics = {}, {}
+  batches = {}
   if q:
-    solver_params = state.params[role_key(c, "solver")]
-    batch = training_batch(s, answers_out, n, np.arange(q * n), solver_adv.reshape(-1),
-                           np.ones(q * n), solver_params)
-    grads["solver"], update_metrics["solver"] = s.grad_fn(solver_params, batch)
+    batches["solver"] = training_batch(s, "solver", answers_out, n, np.arange(q * n),
+                                       solver_adv.reshape(-1), np.ones(q * n),
+                                       state.params[role_key(c, "solver")])
   update_proposer = (state.step + 1) % c.proposer_update_every == 0
   if update_proposer and valid.any():
     full_r = np.zeros(len(proposals), np.float32)
@@ -282,11 +334,11 @@ def train_step(s: Setup, state: RunState, key: jax.Array) -> tuple[RunState, dic
     groups = (c.rollout.prompts_per_step, c.rollout.proposals_per_prompt)
     adv = np.asarray(rl.group_advantages(full_r.reshape(groups), c.rl.advantage_estimator,
                                          c.rl.advantage_eps, mask=valid.reshape(groups)))
-    proposer_params = state.params[role_key(c, "proposer")]
-    batch = training_batch(s, proposals_out, num_proposals, np.arange(len(proposals)),
-                           adv.reshape(-1), valid.astype(np.float32), proposer_params)
-    grads["proposer"], update_metrics["proposer"] = s.grad_fn(proposer_params, batch)
-  state = apply_role_updates(s, state, grads, update_metrics)
+    batches["proposer"] = training_batch(s, "proposer", proposals_out, num_proposals,
+                                         np.arange(len(proposals)), adv.reshape(-1),
+                                         valid.astype(np.float32),
+                                         state.params[role_key(c, "proposer")])
+  state, update_metrics = apply_role_updates(s, state, batches)
   for role, role_metrics in update_metrics.items():
     for name, value in role_metrics.items():
       m[f"{role}/{name}"] = float(value)
@@ -305,20 +357,21 @@ def train_step(s: Setup, state: RunState, key: jax.Array) -> tuple[RunState, dic
   return state, m, samples
 
 
-def apply_role_updates(s: Setup, state: RunState, grads: dict, update_metrics: dict) -> RunState:
-  """One optimizer step per parameter set; with shared weights the roles' gradients add."""
-  params, opt_state = dict(state.params), dict(state.opt_state)
-  if s.config.shared_weights and grads:
-    total = jax.tree.map(lambda *g: sum(g), *grads.values())
-    params["policy"], opt_state["policy"], norm = s.apply_updates(params["policy"],
-                                                                  opt_state["policy"], total)
-    for role in grads:
-      update_metrics[role]["grad_norm_combined"] = norm
+def apply_role_updates(s: Setup, state: RunState, batches: dict) -> tuple[RunState, dict]:
+  """One donated optimizer step per parameter set; with shared weights the roles' losses add
+  (their gradients sum into one step, whose norm is reported as grad_norm_combined)."""
+  params, opt_state, metrics = dict(state.params), dict(state.opt_state), {}
+  if s.config.shared_weights and batches:
+    params["policy"], opt_state["policy"], role_metrics = s.updates["policy"](
+        params["policy"], opt_state["policy"], tuple(batches.values()))
+    for role, m in zip(batches, role_metrics):
+      m["grad_norm_combined"] = m.pop("grad_norm")
+      metrics[role] = m
   else:
-    for role, g in grads.items():
-      params[role], opt_state[role], norm = s.apply_updates(params[role], opt_state[role], g)
-      update_metrics[role]["grad_norm"] = norm
-  return dataclasses.replace(state, params=params, opt_state=opt_state)
+    for role, batch in batches.items():
+      params[role], opt_state[role], metrics[role] = s.updates[role](params[role],
+                                                                     opt_state[role], batch)
+  return dataclasses.replace(state, params=params, opt_state=opt_state), metrics
 
 
 # ---- What a researcher watches ----------------------------------------------------------------------
@@ -377,8 +430,8 @@ def sample_records(count, proposals, proposal_texts, questions, answers, answer_
 
 
 def evaluate(s: Setup, params, key) -> dict[str, float]:
-  return evaluation.run_heldout(s.config.eval, params, s.sampler, s.tokenizer, s.task, s.heldout,
-                                key, s.sandbox_pool)
+  return evaluation.run_heldout(s.config.eval, params, s.samplers["solver"], s.tokenizer, s.task,
+                                s.heldout, key, s.sandbox_pool)
 
 
 def step_key(seed: int, step: int) -> jax.Array:
@@ -387,20 +440,30 @@ def step_key(seed: int, step: int) -> jax.Array:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs self-play for config.total_steps; returns the summary also written to summary.json."""
+  """Runs self-play for config.total_steps; returns the summary also written to summary.json.
+
+  In a multi-process run every process runs this same loop on its share of the mesh; only
+  process 0 writes (metrics, samples, exports, the dashboard).
+  """
   from tqdm.auto import tqdm
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  sharding.initialize(config.mesh)
+  writes = sharding.is_writer()
+  if writes:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
   s, state = setup(config)
-  writer = metrics_lib.MetricsWriter(workdir, tensorboard=config.log.tensorboard)
+  writer = metrics_lib.MetricsWriter(workdir, tensorboard=config.log.tensorboard) if writes else None
+  say = print if writes else (lambda *args, **kwargs: None)
   # Evaluation samples come from their own key, the same at every evaluation of the run.
   eval_key = jax.random.fold_in(jax.random.key(config.seed), 2**31 - 1)
   base = evaluate(s, state.params[role_key(config, "solver")], eval_key)
-  writer.write(0, base)
-  print(metrics_lib.summary_line(0, config.total_steps, base), flush=True)
+  if writer:
+    writer.write(0, base)
+  say(metrics_lib.summary_line(0, config.total_steps, base), flush=True)
   last_eval = base
-  bar = tqdm(total=config.total_steps, disable=not config.log.progress_bar, desc="self-play")
+  bar = tqdm(total=config.total_steps, disable=not (config.log.progress_bar and writes),
+             desc="self-play")
   try:
     while state.step < config.total_steps:
       state, m, samples = train_step(s, state, step_key(config.seed, state.step))
@@ -408,15 +471,18 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       if step == config.total_steps or (config.eval.every and step % config.eval.every == 0):
         last_eval = evaluate(s, state.params[role_key(config, "solver")], eval_key)
         m.update(last_eval)
-      writer.write(step, m)
-      writer.write_samples(step, samples)
+      if writer:
+        writer.write(step, m)
+        writer.write_samples(step, samples)
       bar.update(1)
-      bar.write(metrics_lib.summary_line(step, config.total_steps, m))
+      if writes:
+        bar.write(metrics_lib.summary_line(step, config.total_steps, m))
       if config.checkpoint.every and step % config.checkpoint.every == 0:
         export_roles(s, state, workdir)
   finally:
     bar.close()
-    writer.close()
+    if writer:
+      writer.close()
   export_roles(s, state, workdir)
   summary = {
       "heldout_set": config.eval.heldout,
@@ -428,17 +494,21 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       "final_majority_accuracy": last_eval.get("heldout/majority_accuracy"),
       "steps": state.step,
   }
-  with open(os.path.join(workdir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=2)
-  from sqlm_jax.plot import draw_dashboard
-  draw_dashboard(workdir)
+  if writes:
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=2)
+    from sqlm_jax.plot import draw_dashboard
+    draw_dashboard(workdir)
   if s.sandbox_pool is not None:
     s.sandbox_pool.close()
   return summary
 
 
 def export_roles(s: Setup, state: RunState, workdir: str) -> None:
-  """WORKDIR/solver and WORKDIR/proposer as Hugging Face checkpoints (with the tokenizer)."""
+  """WORKDIR/solver and WORKDIR/proposer as Hugging Face checkpoints (with the tokenizer).
+
+  Every process takes part in gathering the weights; process 0 writes them.
+  """
   for role in ROLES:
     checkpoints.export(os.path.join(workdir, role), s.model_config,
                        state.params[role_key(s.config, role)], s.config.model.path)

@@ -1,5 +1,6 @@
 """A few self-play steps on a tiny random model, end to end, and the loop's masking/sharing rules."""
 
+import functools
 import json
 import math
 
@@ -7,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from sqlm_jax import selfplay
+from sqlm_jax import rl, selfplay
 from sqlm_jax.config_base import base_config
 from sqlm_jax.models import load_pretrained
 from sqlm_jax.tasks.base import Proposal, Task
@@ -91,18 +92,24 @@ def test_masked_proposal_contributes_exactly_zero_gradient(qwen2_dir, permissive
   config = tiny_config(qwen2_dir)
   s, state = selfplay.setup(config)
   params = state.params["proposer"]
-  out = s.sampler(params, [[2, 5, 6]], jax.random.key(0), max_new_tokens=6, num_samples=4)
+  out = s.samplers["proposer"](params, [[2, 5, 6]], jax.random.key(0), max_new_tokens=6,
+                               num_samples=4)
   weights = np.array([1.0, 0.0, 1.0, 1.0])
   advantages = np.array([0.5, 3.0, -0.5, 0.0])
-  batch = selfplay.training_batch(s, out, 4, np.arange(4), advantages, weights, params)
-  grads, _ = s.grad_fn(params, batch)
+  apply_fn = functools.partial(selfplay._apply, config=s.model_config,
+                               layout=s.layouts["proposer"])
+  grad_fn = jax.jit(rl.make_grad_fn(apply_fn, config.rl, config.rl.micro_batch_size))
+  batch = selfplay.training_batch(s, "proposer", out, 4, np.arange(4), advantages, weights,
+                                  params)
+  grads, _ = grad_fn(params, batch)
   out.tokens = out.tokens.copy()
   out.logprobs = out.logprobs.copy()
   out.tokens[1] = (out.tokens[1] + 7) % 100  # Rewrite the masked proposal entirely...
   out.logprobs[1] = -5.0
   advantages[1] = -40.0  # ...and its advantage.
-  batch2 = selfplay.training_batch(s, out, 4, np.arange(4), advantages, weights, params)
-  grads2, _ = s.grad_fn(params, batch2)
+  batch2 = selfplay.training_batch(s, "proposer", out, 4, np.arange(4), advantages, weights,
+                                   params)
+  grads2, _ = grad_fn(params, batch2)
   for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads2)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 

@@ -1,8 +1,8 @@
 """Hugging Face checkpoints (config.json + safetensors) <-> (ModelConfig, parameter pytree).
 
 No torch: safetensors files are memory-mapped and read tensor by tensor, each converted into
-its slot of the stacked (scanned) layer arrays, so peak host memory is about one copy of the
-parameters in their target dtype.
+its slot of the stacked (scanned) layer arrays. Loaded onto a mesh, each device's shard is read
+on its own, so no host holds more than a shard of a large model at a time.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any, Iterator
+from typing import Any
 
 import jax
 import ml_dtypes
@@ -112,24 +112,48 @@ def _safetensors_header(file: str) -> tuple[dict[str, Any], int]:
   return header, 8 + n
 
 
-def _mmap_tensors(file: str) -> Iterator[tuple[str, np.ndarray]]:
-  header, offset = _safetensors_header(file)
-  data = np.memmap(file, dtype=np.uint8, mode="r")
-  for name, info in header.items():
-    if info["dtype"] not in _DTYPES:
-      raise ValueError(f"{file}: tensor {name} has dtype {info['dtype']}, which is not supported.")
-    start, end = info["data_offsets"]
-    raw = data[offset + start:offset + end]
-    yield name, raw.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+def _mmap_tensor(maps: dict, file: str, info: dict, offset: int) -> np.ndarray:
+  """One tensor of a safetensors file, memory-mapped: nothing is read until it is sliced."""
+  if file not in maps:
+    maps[file] = np.memmap(file, dtype=np.uint8, mode="r")
+  start, end = info["data_offsets"]
+  return maps[file][offset + start:offset + end].view(_DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
 def load_pretrained(path: str, dtype: str | None = None, param_dtype: str | None = None,
-                    **config_overrides) -> tuple[ModelConfig, dict]:
-  """Reads a Hugging Face checkpoint folder into (config, params); params as numpy arrays.
+                    shardings=None, **config_overrides) -> tuple[ModelConfig, dict]:
+  """Reads a Hugging Face checkpoint folder into (config, params).
 
-  param_dtype defaults to the checkpoint's torch_dtype (float32 when absent); dtype (compute)
-  defaults to param_dtype.
+  Without `shardings`, params are numpy arrays. With a tree of NamedShardings (see
+  `sharding.param_shardings`), each leaf is built by `jax.make_array_from_callback`: every
+  device's shard is read straight from the memory-mapped files, so no host or device ever
+  holds a whole unsharded copy. param_dtype defaults to the checkpoint's torch_dtype (float32
+  when absent); dtype (compute) defaults to param_dtype.
   """
+  config = read_config(path, dtype, param_dtype, **config_overrides)
+  sources = _tensor_sources(path, config)
+  shapes = jax.eval_shape(lambda: transformer.init_params(config, jax.random.key(0)))
+  target_dtype = np.dtype(jax.numpy.dtype(config.param_dtype))
+  maps = {}  # file -> np.memmap, for this load only
+
+  def leaf(key_path, shape, sharding=None):
+    entries = sources[tuple(k.key for k in key_path)]
+    read = lambda index: _read(maps, entries, shape.shape, index, target_dtype)
+    if sharding is None:
+      return read((slice(None),) * len(shape.shape))
+    return jax.make_array_from_callback(shape.shape, sharding, read, dtype=target_dtype)
+
+  if shardings is None:
+    params = jax.tree_util.tree_map_with_path(leaf, shapes)
+  else:
+    params = jax.tree_util.tree_map_with_path(leaf, shapes, shardings)
+  maps.clear()
+  return config, params
+
+
+def read_config(path: str, dtype: str | None = None, param_dtype: str | None = None,
+                **config_overrides) -> ModelConfig:
+  """The ModelConfig of a checkpoint folder (only its config.json is read)."""
   if not os.path.isdir(path):
     raise FileNotFoundError(f"Checkpoint folder {path!r} does not exist.")
   config_file = os.path.join(path, "config.json")
@@ -140,21 +164,25 @@ def load_pretrained(path: str, dtype: str | None = None, param_dtype: str | None
     hf_config = json.load(f)
   stored = hf_config.get("torch_dtype") or hf_config.get("dtype") or "float32"
   param_dtype = param_dtype or (stored if stored in ("float32", "bfloat16") else "float32")
-  config = ModelConfig.from_hf_dict(hf_config, source=config_file,
-                                    param_dtype=param_dtype, dtype=dtype or param_dtype,
-                                    **config_overrides)
-  shapes = jax.eval_shape(lambda: transformer.init_params(config, jax.random.key(0)))
-  target_dtype = np.dtype(jax.numpy.dtype(param_dtype))
-  params = jax.tree.map(lambda s: np.empty(s.shape, target_dtype), shapes)
-  filled = jax.tree.map(lambda s: np.zeros(s.shape[:1] if len(s.shape) > 0 else (), bool), shapes)
+  return ModelConfig.from_hf_dict(hf_config, source=config_file, param_dtype=param_dtype,
+                                  dtype=dtype or param_dtype, **config_overrides)
 
-  table = _hf_table(config)
-  patterns = {re.compile(re.escape(name).replace(r"\{i\}", r"(\d+)") + "$"): (name, spec)
-              for name, spec in table.items()}
+
+def _tensor_sources(path: str, config: ModelConfig) -> dict:
+  """Our leaf path -> [(file, name, header entry, data offset, conversion)] per layer (one entry
+  for unstacked leaves), checked against the safetensors headers before any data is read."""
+  shapes = jax.eval_shape(lambda: transformer.init_params(config, jax.random.key(0)))
+  leaf_shapes = {tuple(k.key for k in p): s.shape
+                 for p, s in jax.tree_util.tree_leaves_with_path(shapes)}
+  sources = {target: [None] * (config.num_layers if target[0] == "layers" else 1)
+             for target in leaf_shapes}
+  patterns = {re.compile(re.escape(name).replace(r"\{i\}", r"(\d+)") + "$"): spec
+              for name, spec in _hf_table(config).items()}
   files = _read_safetensors_index(path)
   for file in sorted(set(files.values())):
-    for name, tensor in _mmap_tensors(file):
-      for pattern, (template, (target, how)) in patterns.items():
+    header, offset = _safetensors_header(file)
+    for name, info in header.items():
+      for pattern, (target, how) in patterns.items():
         match = pattern.match(name)
         if match:
           break
@@ -165,36 +193,42 @@ def load_pretrained(path: str, dtype: str | None = None, param_dtype: str | None
           continue
         raise ValueError(f"{file}: unexpected tensor {name!r} for model_type={config.model_type!r} "
                          "(is config.json from the same checkpoint?).")
-      node, mark = params, filled
-      for key in target[:-1]:
-        node, mark = node[key], mark[key]
-      leaf = node[target[-1]]
+      if info["dtype"] not in _DTYPES:
+        raise ValueError(f"{file}: tensor {name} has dtype {info['dtype']}, which is not supported.")
+      slot = 0
+      slot_shape = leaf_shapes[target]
       if match.groups():
-        layer = int(match.group(1))
-        if layer >= config.num_layers:
-          raise ValueError(f"{file}: tensor {name} is for layer {layer} but config.json has "
+        slot = int(match.group(1))
+        if slot >= config.num_layers:
+          raise ValueError(f"{file}: tensor {name} is for layer {slot} but config.json has "
                            f"num_hidden_layers={config.num_layers}.")
-        slot_shape = leaf.shape[1:]
-      else:
-        slot_shape = leaf.shape
+        slot_shape = slot_shape[1:]
       expected = _to_hf(np.empty(slot_shape, np.uint8), how).shape
-      if tuple(tensor.shape) != tuple(expected):
-        raise ValueError(f"{file}: tensor {name} has shape {tuple(tensor.shape)} but config.json "
+      if tuple(info["shape"]) != tuple(expected):
+        raise ValueError(f"{file}: tensor {name} has shape {tuple(info['shape'])} but config.json "
                          f"implies {tuple(expected)}; check hidden_size / num_attention_heads / "
                          "num_key_value_heads / head_dim / intermediate_size / vocab_size.")
-      value = _to_ours(np.asarray(tensor), how, slot_shape).astype(target_dtype)
-      if match.groups():
-        leaf[layer] = value
-        mark[target[-1]][layer] = True
-      else:
-        node[target[-1]] = value
-        mark[target[-1]] = np.ones_like(mark[target[-1]])
-  missing = [jax.tree_util.keystr(p) for p, m in jax.tree_util.tree_leaves_with_path(filled)
-             if not np.all(m)]
+      sources[target][slot] = (file, name, info, offset, how, slot_shape)
+  missing = ["['" + "']['".join(t) + "']" for t, entries in sources.items()
+             if any(e is None for e in entries)]
   if missing:
     raise ValueError(f"{path}: the safetensors files lack weights for {', '.join(missing)} "
                      f"(model_type={config.model_type}, num_hidden_layers={config.num_layers}).")
-  return config, params
+  return sources
+
+
+def _read(maps, entries, shape, index, dtype) -> np.ndarray:
+  """The block `index` of one of our leaves, read from its memory-mapped HF tensors."""
+  index = tuple(index) + (slice(None),) * (len(shape) - len(tuple(index)))
+
+  def one(entry, rest):
+    file, name, info, offset, how, slot_shape = entry
+    return _to_ours(_mmap_tensor(maps, file, info, offset), how, slot_shape)[rest].astype(dtype)
+
+  if len(entries) == 1 and len(shape) == len(entries[0][5]):  # Not stacked over layers.
+    return one(entries[0], index)
+  layers = range(*index[0].indices(shape[0]))
+  return np.stack([one(entries[i], index[1:]) for i in layers])
 
 
 def save_pretrained(path: str, config: ModelConfig, params: dict, dtype: str | None = None) -> None:
