@@ -258,8 +258,11 @@ class _Uids:
       first = UID_RANGE[0] + i * UID_BLOCK
       if uid_range_conflicts(first, first + UID_BLOCK):
         continue
-      fd = os.open(os.path.join(lock_dir, f"sqlm-sandbox-uids-{first}.lock"),
-                   os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+      try:
+        fd = os.open(os.path.join(lock_dir, f"sqlm-sandbox-uids-{first}.lock"),
+                     os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+      except OSError:
+        continue
       try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
       except OSError:
@@ -669,7 +672,8 @@ def run(program: str, stdin: str = "", expected: Optional[str] = None,
   if not seccomp.supported():
     raise RuntimeError(f"No seccomp filter for this machine ({os.uname().machine}); "
                        "sqlm_jax.seccomp has tables for x86_64 and aarch64.")
-  uid = _uids.take()
+  root = os.geteuid() == 0  # only root drops each run to a uid of its own
+  uid = _uids.take() if root else os.geteuid()
   cpu_s = limits.cpu_s if limits.cpu_s is not None else max(1, math.ceil(limits.timeout_s))
   tmpdir, fds, cgroup_dirs, status_r = None, [], [], None
   cgroups_gone = True
@@ -708,7 +712,7 @@ def run(program: str, stdin: str = "", expected: Optional[str] = None,
       shutil.rmtree(tmpdir, ignore_errors=True)
     if cgroup_dirs:
       cgroups_gone = _remove_run_cgroups(cgroup_dirs)
-    if cgroups_gone:
+    if root and cgroups_gone:
       _uids.give_back(uid)  # a uid whose processes may still live is never handed out again
 
 
