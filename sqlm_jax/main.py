@@ -1,7 +1,8 @@
 """Entry point: python -m sqlm_jax.main --config configs/X.py [--workdir DIR] [--config.a.b=value ...]
 
 The config is checked (required fields, paths, choices, sizes) before anything is loaded or
-compiled; a bad value stops the run with a message naming the key and the fix.
+compiled; a bad value stops the run with a message naming the key and the fix. Rerunning the
+same command resumes the run from its newest checkpoint (see sqlm_jax/checkpoints.py).
 """
 
 from __future__ import annotations
@@ -12,12 +13,15 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sqlm_jax import config_base, rewards, rl, sharding
+from sqlm_jax import checkpoints, config_base, rewards, rl, sharding
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where metrics, samples, exports go "
                                "(default: runs/<config name>).")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Build the mesh, print the per-device memory plan, "
+                             "write WORKDIR/memory_plan.json and exit; reads only config.json and "
+                             "the tokenizer files of model.path (no weights).")
 
 
 class ConfigError(ValueError):
@@ -74,6 +78,10 @@ def validate(config) -> None:
     sharding.rules_from_config(config.mesh.rules)
   except sharding.MeshError as error:
     raise ConfigError(str(error)) from None
+  for key in ("checkpoint.every", "checkpoint.keep"):
+    if _get(config, key) < 0:
+      raise ConfigError(f"config.{key}={_get(config, key)} must be >= 0 (0 = only at the end; "
+                        "for keep: all).")
   if config.rl.kl_coef < 0:
     raise ConfigError(f"config.rl.kl_coef={config.rl.kl_coef} must be >= 0 (0 disables the KL).")
 
@@ -105,19 +113,48 @@ def main(argv) -> None:
     sys.exit(2)
   name = os.path.splitext(os.path.basename(config_flags.get_config_filename(flags.FLAGS["config"])))[0]
   workdir = _WORKDIR.value or os.path.join("runs", name)
-  from sqlm_jax import selfplay  # Imported after validation: loading JAX takes seconds.
+  from sqlm_jax import memory_plan, selfplay  # After validation: loading JAX takes seconds.
   try:
+    if _DRY_RUN.value:
+      dry_run(config, workdir)
+      return
     summary = selfplay.train(config, workdir)
-  except sharding.MeshError as error:
+  except (sharding.MeshError, memory_plan.PlanError) as error:
     print(f"Config error: {error}", file=sys.stderr)
+    sys.exit(2)
+  except checkpoints.ResumeError as error:
+    print(f"Cannot run in this workdir: {error}", file=sys.stderr)
     sys.exit(2)
   if not sharding.is_writer():
     return
+  if summary.get("stopped"):
+    print(f"\nStopped after step {summary['steps']}; saved {summary['checkpoint']}. Rerun the same "
+          "command to continue.")
+    return
+  if summary.get("finished"):
+    print(f"This run finished all {summary['steps']} steps already; its summary:")
   print(f"\nheld-out {summary['heldout_set']} {summary['heldout_split']} split "
         f"({summary['heldout_size']} problems), greedy accuracy:"
         f" base {summary['base_accuracy']:.3f} -> trained {summary['final_accuracy']:.3f}")
   print(f"metrics: {os.path.join(workdir, 'metrics.jsonl')}  summary: "
         f"{os.path.join(workdir, 'summary.json')}")
+
+
+def dry_run(config, workdir: str) -> None:
+  """The memory plan alone: mesh, per-device bytes, memory_plan.json; no weights are read."""
+  from sqlm_jax import memory_plan, selfplay
+  from sqlm_jax.models import read_config
+  from sqlm_jax.tokenizer import load_tokenizer
+  sharding.initialize(config.mesh)
+  layouts = selfplay.role_layouts(config)
+  model_config = read_config(config.model.path, config.model.dtype, config.model.param_dtype,
+                             remat=config.model.remat)
+  task, _ = selfplay.make_task(config)
+  plan = memory_plan.memory_plan(config, model_config, layouts,
+                                 load_tokenizer(config.model.path), task)
+  if sharding.is_writer():
+    print(memory_plan.format_plan(plan))
+    print(f"plan: {memory_plan.write_plan(plan, workdir)}")
 
 
 def parse_flags(argv):

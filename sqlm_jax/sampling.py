@@ -126,6 +126,7 @@ def decode(params, cache, last_logits, last_position, num_prompts, key, temperat
   tokens, log-probs and lengths come back replicated, so every process can read them all.
   """
   rows = last_logits.shape[0]
+  key = jax.random.wrap_key_data(key)  # Passed as host data: the same on every process.
   params = transformer.inference_params(params, config)  # Once, not per step.
 
   def choose(logits, step, done):
@@ -214,7 +215,7 @@ class Sampler:
         params, *self.layout.put_batch((tokens, mask)), cache_length, num_samples)
     out, logprobs, lengths, _ = self._decode(
         params, cache, logits, last_position, np.int32(len(prompts)),
-        jax.device_put(key, self.layout.replicated), np.float32(temperature), np.int32(top_k),
+        np.asarray(jax.random.key_data(key)), np.float32(temperature), np.int32(top_k),
         np.float32(top_p), self.stop_ids, np.int32(self.pad_id), max_new_tokens, num_samples)
     rows = len(prompts) * num_samples
     out, logprobs, lengths = (sharding.to_host(x) for x in (out, logprobs, lengths))

@@ -1,4 +1,4 @@
-"""The self-play loop: propose -> solve -> reward -> update -> log / evaluate / export.
+"""The self-play loop: propose -> solve -> reward -> update -> log / evaluate / save.
 
 One step, top to bottom (see `train_step`):
   1. propose  sample `proposals_per_prompt` proposals for each of `prompts_per_step` topic prompts
@@ -22,7 +22,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from sqlm_jax import checkpoints, diversity, evaluation, metrics as metrics_lib, rewards, rl, sharding
+from sqlm_jax import (checkpoints, diversity, evaluation, memory_plan, metrics as metrics_lib,
+                      rewards, rl, sharding)
 from sqlm_jax.models import ModelConfig, forward, load_pretrained, read_config
 from sqlm_jax.sampling import SampleOutput, Sampler, bucket
 from sqlm_jax.tasks import get_task
@@ -35,15 +36,31 @@ ROLES = ("solver", "proposer")
 
 @dataclasses.dataclass
 class RunState:
-  """Everything that changes during a run, as one pytree-like unit (save/restore it whole).
+  """Everything that changes during a run: what a whole-run checkpoint holds.
 
-  With shared weights, params/opt_state hold a single "policy" entry used by both roles.
+  `arrays()` is the device pytree (params and optimizer states, saved sharded) and `host()`
+  the plain data; with shared weights, params/opt_state hold a single "policy" entry used by
+  both roles. The frozen KL reference is not part of it: it is always the starting weights,
+  reloaded from model.path by `setup`.
   """
 
   step: int
   params: dict[str, Any]
   opt_state: dict[str, Any]
   recent_questions: diversity.RecentQuestions
+
+  def arrays(self) -> dict[str, Any]:
+    return {"params": self.params, "opt_state": self.opt_state}
+
+  def host(self) -> dict[str, Any]:
+    return {"step": self.step, "recent_questions": self.recent_questions.steps(),
+            "recent_questions_max_steps": self.recent_questions.max_steps}
+
+  @classmethod
+  def from_saved(cls, arrays: dict[str, Any], host: dict[str, Any]) -> "RunState":
+    return cls(step=host["step"], params=arrays["params"], opt_state=arrays["opt_state"],
+               recent_questions=diversity.RecentQuestions(host["recent_questions_max_steps"],
+                                                          host["recent_questions"]))
 
 
 @dataclasses.dataclass
@@ -68,6 +85,7 @@ class Setup:
   ref_params: dict[str, Any]  # The frozen starting weights, one copy per distinct layout.
   old_logprob_fns: dict[str, Any]  # Set when sampling log-probs are not the policy's.
   heldout: list[dict]
+  memory_plan: dict
   sandbox_pool: Optional[Any] = None
 
 
@@ -117,6 +135,10 @@ def setup(config: ml_collections.ConfigDict) -> tuple[Setup, RunState]:
                              remat=config.model.remat)
   tokenizer = load_tokenizer(config.model.path)
   task, topic = make_task(config)
+  # Checked before any weight loads; compiled (exact) activations where there is a limit to meet.
+  plan = memory_plan.memory_plan(config, model_config, layouts, tokenizer, task,
+                                 compile_activations=memory_plan.device_memory_bytes() is not None)
+  memory_plan.check(plan)
   optimizer = rl.make_optimizer(config.rl)
   filtered = config.rollout.top_k > 0 or config.rollout.top_p < 1.0
   recompute = config.rl.recompute_old_logprobs or filtered
@@ -174,7 +196,7 @@ def setup(config: ml_collections.ConfigDict) -> tuple[Setup, RunState]:
             ref_params=ref_params,
             old_logprob_fns={role: per_layout[id(layouts[role])][1] for role in ROLES}
             if recompute else {},
-            heldout=heldout, sandbox_pool=pool)
+            heldout=heldout, memory_plan=plan, sandbox_pool=pool)
   state = RunState(step=0, params=params, opt_state=opt_state,
                    recent_questions=diversity.RecentQuestions(max_steps=10))
   return s, state
@@ -442,47 +464,90 @@ def step_key(seed: int, step: int) -> jax.Array:
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs self-play for config.total_steps; returns the summary also written to summary.json.
 
-  In a multi-process run every process runs this same loop on its share of the mesh; only
-  process 0 writes (metrics, samples, exports, the dashboard).
+  A workdir with a checkpoint (WORKDIR/checkpoints) is resumed: the run restores the newest
+  complete one and continues, cutting the logs back to its step. On SIGTERM / SIGINT the run
+  finishes the current step, saves and returns a summary with "stopped": True. In a
+  multi-process run every process runs this same loop on its share of the mesh; only process 0
+  writes (metrics, samples, exports, the dashboard).
   """
   from tqdm.auto import tqdm
   sharding.initialize(config.mesh)
   writes = sharding.is_writer()
+  say = print if writes else (lambda *args, **kwargs: None)
+  if config.overwrite:
+    checkpoints.clear(workdir)
+  _barrier("sqlm_jax_workdir_cleared")
+  mngr = checkpoints.manager(workdir, config.checkpoint.keep)
+  saved = checkpoints.read_host(mngr)  # (step, host data) of the newest checkpoint, or None.
+  if saved:
+    finished = resume_check(config, workdir, *saved)
+    if finished:
+      mngr.close()
+      return finished
+  else:
+    checkpoints.check_workdir(workdir, config)
+  _barrier("sqlm_jax_workdir_checked")
   if writes:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
   s, state = setup(config)
-  writer = metrics_lib.MetricsWriter(workdir, tensorboard=config.log.tensorboard) if writes else None
-  say = print if writes else (lambda *args, **kwargs: None)
+  say(memory_plan.format_plan(s.memory_plan), flush=True)
+  if writes:
+    memory_plan.write_plan(s.memory_plan, workdir)
   # Evaluation samples come from their own key, the same at every evaluation of the run.
   eval_key = jax.random.fold_in(jax.random.key(config.seed), 2**31 - 1)
-  base = evaluate(s, state.params[role_key(config, "solver")], eval_key)
-  if writer:
+  if saved:
+    state, host = restore_state(s, state, mngr, saved[0])
+    base, last_eval = host["base_eval"], host["last_eval"]
+    say(f"Resumed from {checkpoints.folder(mngr, state.step)} at step {state.step}.", flush=True)
+  else:
+    base = last_eval = evaluate(s, state.params[role_key(config, "solver")], eval_key)
+  writer = metrics_lib.MetricsWriter(workdir, tensorboard=config.log.tensorboard,
+                                     resume_from=state.step if saved else None) if writes else None
+  if writer and not saved:
     writer.write(0, base)
-  say(metrics_lib.summary_line(0, config.total_steps, base), flush=True)
-  last_eval = base
-  bar = tqdm(total=config.total_steps, disable=not (config.log.progress_bar and writes),
-             desc="self-play")
+    say(metrics_lib.summary_line(0, config.total_steps, base), flush=True)
+
+  def save(state):
+    host = dict(state.host(), base_eval=metrics_lib.plain(base),
+                last_eval=metrics_lib.plain(last_eval), config=json.loads(config.to_json_best_effort()))
+    checkpoints.save(mngr, state.step, state.arrays(), host)
+
+  bar = tqdm(total=config.total_steps, initial=state.step,
+             disable=not (config.log.progress_bar and writes), desc="self-play")
+  stopped = False
   try:
-    while state.step < config.total_steps:
-      state, m, samples = train_step(s, state, step_key(config.seed, state.step))
-      step = state.step
-      if step == config.total_steps or (config.eval.every and step % config.eval.every == 0):
-        last_eval = evaluate(s, state.params[role_key(config, "solver")], eval_key)
-        m.update(last_eval)
-      if writer:
-        writer.write(step, m)
-        writer.write_samples(step, samples)
-      bar.update(1)
-      if writes:
-        bar.write(metrics_lib.summary_line(step, config.total_steps, m))
-      if config.checkpoint.every and step % config.checkpoint.every == 0:
-        export_roles(s, state, workdir)
+    with checkpoints.StopSignal() as stop:
+      while state.step < config.total_steps and not stopped:
+        state, m, samples = train_step(s, state, step_key(config.seed, state.step))
+        step = state.step
+        if step == config.total_steps or (config.eval.every and step % config.eval.every == 0):
+          last_eval = evaluate(s, state.params[role_key(config, "solver")], eval_key)
+          m.update(last_eval)
+        stopped = _any_process(stop.requested)
+        every = config.checkpoint.every
+        t0 = time.perf_counter()
+        if stopped or step == config.total_steps or (every and step % every == 0):
+          save(state)  # Asynchronous: the write overlaps the next step.
+        m["time/checkpoint"] = time.perf_counter() - t0
+        if writer:
+          writer.write(step, m)
+          writer.write_samples(step, samples)
+        bar.update(1)
+        if writes:
+          bar.write(metrics_lib.summary_line(step, config.total_steps, m))
+      mngr.wait_until_finished()
   finally:
     bar.close()
     if writer:
       writer.close()
+    mngr.close()
+  if stopped and state.step < config.total_steps:
+    if s.sandbox_pool is not None:
+      s.sandbox_pool.close()
+    return {"stopped": True, "steps": state.step,
+            "checkpoint": checkpoints.folder(mngr, state.step)}
   export_roles(s, state, workdir)
   summary = {
       "heldout_set": config.eval.heldout,
@@ -502,6 +567,59 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if s.sandbox_pool is not None:
     s.sandbox_pool.close()
   return summary
+
+
+def resume_check(config, workdir: str, step: int, host: dict) -> Optional[dict[str, Any]]:
+  """Refuses a checkpoint this config cannot continue; the saved summary if the run is done."""
+  folder = os.path.join(workdir, checkpoints.CHECKPOINT_DIR, str(step))
+  differ = checkpoints.meaning_differences(checkpoints.flat_config(host["config"]),
+                                           checkpoints.flat_config(config))
+  if differ:
+    raise checkpoints.ResumeError(
+        f"{folder} was saved with a different {', '.join(differ)}; rerun with the same values "
+        "to resume, or pass --config.overwrite=True (or another --workdir) to start a new run.")
+  if step > config.total_steps:
+    raise checkpoints.ResumeError(
+        f"{folder} is past config.total_steps={config.total_steps}; pass "
+        f"--config.total_steps={step} or more to resume it.")
+  summary_path = os.path.join(workdir, "summary.json")
+  if step == config.total_steps and os.path.isfile(summary_path):
+    with open(summary_path) as f:
+      return dict(json.load(f), finished=True)
+  return None
+
+
+def restore_state(s: Setup, state: RunState, mngr, newest: int) -> tuple[RunState, dict]:
+  """The newest complete checkpoint at or below `newest`, read into this run's shardings.
+
+  The starting arrays `setup` made only give the shapes and shardings; they are freed first,
+  so a restore needs no more device memory than the run itself.
+  """
+  arrays = state.arrays()
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          arrays)
+  jax.tree.map(lambda x: x.delete(), arrays)
+  restored = checkpoints.restore(mngr, abstract, newest)
+  if restored is None:
+    raise checkpoints.ResumeError(
+        f"No checkpoint in {mngr.directory} could be read (see the warnings above); move the "
+        "folder aside, or pass --config.overwrite=True to start over.")
+  _, arrays, host = restored
+  return RunState.from_saved(arrays, host), host
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def _any_process(flag: bool) -> bool:
+  """True when any process got a stop signal, so that every process stops at the same step."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils
+  return bool(np.asarray(multihost_utils.process_allgather(np.array(flag))).any())
 
 
 def export_roles(s: Setup, state: RunState, workdir: str) -> None:
