@@ -1,9 +1,24 @@
-"""Exports of trained roles as Hugging Face checkpoint folders (loadable by sqlm_jax and transformers)."""
+"""What a run saves: whole-run checkpoints (orbax) to resume from, and Hugging Face exports.
+
+A whole-run checkpoint is WORKDIR/checkpoints/STEP/, written by an orbax `CheckpointManager`:
+  state/  the device arrays {"params", "opt_state"} (one entry "policy" with shared weights,
+          else "solver" and "proposer"), saved sharded by every process and restorable onto
+          any mesh: `restore` reads them into the shardings of the current run;
+  host/   plain JSON: the step, the recent-questions buffer, the base and last held-out
+          evaluations, and the config of the run that wrote it.
+Saves are asynchronous (the arrays are copied to host memory, then written in a background
+thread while the next step runs). orbax writes each step into a temporary folder and renames
+it when complete, so a process killed mid-write never leaves a folder taken for a checkpoint.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import signal
+import sys
+from typing import Any, Optional
 
 import jax
 
@@ -12,6 +27,197 @@ from sqlm_jax.models import ModelConfig, save_pretrained
 
 # Files of a checkpoint folder that are not weights: copied so an export is self-contained.
 _WEIGHT_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json")
+
+CHECKPOINT_DIR = "checkpoints"
+
+# Config keys whose change alters what a run computes: resuming under a different value would
+# splice two different runs together. Everything else (logging, evaluation, checkpoint cadence,
+# mesh sizes and rules, micro-batch size, remat, sandbox) only changes how or what is reported.
+MEANING = ("seed", "model.path", "model.dtype", "model.param_dtype", "shared_weights", "task.",
+           "rollout.", "rewards.", "rl.", "proposer_update_every")
+HARMLESS = ("rl.micro_batch_size",)  # Gradients accumulate to the full-batch value (rl.py).
+
+# What a run writes into its workdir besides checkpoints: another run's copies are refused.
+LOGS = ("metrics.jsonl", "samples.jsonl", "summary.json", "tensorboard")
+
+
+class ResumeError(ValueError):
+  """A workdir that this run cannot continue; the message says why and what to do."""
+
+
+# ---- Whole-run checkpoints ---------------------------------------------------------------------
+
+
+def _ocp():
+  import orbax.checkpoint as ocp  # Imported on use: it is slow to import.
+  return ocp
+
+
+def manager(workdir: str, keep: int = 0):
+  """The CheckpointManager of WORKDIR/checkpoints, keeping the newest `keep` (0 = all)."""
+  ocp = _ocp()
+  options = ocp.CheckpointManagerOptions(
+      preservation_policy=ocp.checkpoint_managers.LatestN(keep) if keep else None,
+      enable_async_checkpointing=True, create=True, cleanup_tmp_directories=True)
+  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)),
+                               options=options)
+
+
+def folder(mngr, step: int) -> str:
+  return os.path.join(str(mngr.directory), str(step))
+
+
+def save(mngr, step: int, arrays: dict[str, Any], host: dict[str, Any]) -> None:
+  """Starts an asynchronous save of step; returns once the arrays are copied off the devices.
+
+  A folder already there for this step is one that `restore` skipped as damaged: replaced.
+  """
+  ocp = _ocp()
+  if step in mngr.all_steps():
+    mngr.delete(step)
+  mngr.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(arrays),
+                                          host=ocp.args.JsonSave(host)), force=True)
+
+
+def read_host(mngr) -> Optional[tuple[int, dict]]:
+  """(step, host data) of the newest checkpoint whose host data reads; None without one."""
+  ocp = _ocp()
+  for step in sorted(mngr.all_steps(), reverse=True):
+    try:
+      return step, mngr.restore(step, args=ocp.args.Composite(host=ocp.args.JsonRestore()))["host"]
+    except Exception as error:  # noqa: BLE001 - any unreadable folder is skipped the same way
+      _warn_damaged(mngr, step, error)
+  return None
+
+
+def restore(mngr, abstract_arrays, newest: int) -> Optional[tuple[int, dict, dict]]:
+  """(step, arrays, host) of the newest complete checkpoint at or below `newest`.
+
+  `abstract_arrays` are jax.ShapeDtypeStructs carrying the current run's shardings, so the
+  arrays land on this run's mesh whatever mesh saved them. A folder that fails to read is
+  skipped with a warning naming it, and the one before it is tried.
+  """
+  ocp = _ocp()
+  restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_arrays)
+  for step in sorted((s for s in mngr.all_steps() if s <= newest), reverse=True):
+    try:
+      out = mngr.restore(step, args=ocp.args.Composite(
+          state=ocp.args.PyTreeRestore(item=abstract_arrays, restore_args=restore_args),
+          host=ocp.args.JsonRestore()))
+    except Exception as error:  # noqa: BLE001
+      _warn_damaged(mngr, step, error)
+      continue
+    return step, out["state"], out["host"]
+  return None
+
+
+def _warn_damaged(mngr, step: int, error: Exception) -> None:
+  if sharding.is_writer():
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    print(f"Warning: skipping damaged checkpoint {folder(mngr, step)} "
+          f"({type(error).__name__}: {first[:300]}); trying the one before it.",
+          file=sys.stderr, flush=True)
+
+
+def flat_config(config) -> dict[str, Any]:
+  """A ConfigDict (or its JSON dict) as {"a.b": value}, JSON-normalised."""
+  tree = json.loads(config.to_json_best_effort()) if hasattr(config, "to_json_best_effort") \
+      else config
+  flat = {}
+
+  def walk(node, prefix):
+    for key, value in node.items():
+      if isinstance(value, dict):
+        walk(value, f"{prefix}{key}.")
+      else:
+        flat[f"{prefix}{key}"] = value
+  walk(tree, "")
+  return flat
+
+
+def meaning_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+  """Keys (of both flat configs) that change what the run computes and differ.
+
+  rl.total_steps follows total_steps unless set: extending a run stretches its schedule too,
+  which is allowed like a larger total_steps.
+  """
+  keys = []
+  for key in sorted(set(saved) & set(current)):
+    if not key.startswith(MEANING) or key in HARMLESS or saved[key] == current[key]:
+      continue
+    if (key == "rl.total_steps" and saved[key] == saved.get("total_steps")
+        and current[key] == current.get("total_steps")):
+      continue
+    keys.append(key)
+  return keys
+
+
+def check_workdir(workdir: str, config) -> None:
+  """Before a run with no checkpoint to resume: refuses another run's logs in `workdir`.
+
+  Logs written under the same meaning (a run stopped before its first checkpoint) are the
+  same run's: they are removed and the run starts over.
+  """
+  present = [name for name in LOGS if os.path.exists(os.path.join(workdir, name))]
+  if not present:
+    return
+  saved_path = os.path.join(workdir, "config.json")
+  why = "no config.json"
+  if os.path.isfile(saved_path):
+    with open(saved_path) as f:
+      differ = meaning_differences(flat_config(json.load(f)), flat_config(config))
+    why = f"its config differs in {', '.join(differ)}" if differ else ""
+  if why:
+    raise ResumeError(f"{workdir} holds another run's logs ({', '.join(present)}; {why}) and no "
+                      "checkpoint to resume; pass --config.overwrite=True to replace them, or "
+                      "choose another --workdir.")
+  clear(workdir, with_checkpoints=False)  # Only unreadable or unfinished folders are there.
+
+
+def clear(workdir: str, with_checkpoints: bool = True) -> None:
+  """Removes what a run writes into `workdir`: logs, exports, checkpoints (process 0 only)."""
+  if not sharding.is_writer():
+    return
+  for name in (*LOGS, "solver", "proposer", "config.json") + ((CHECKPOINT_DIR,) * with_checkpoints):
+    path = os.path.join(workdir, name)
+    if os.path.isdir(path):
+      shutil.rmtree(path)
+    elif os.path.exists(path):
+      os.remove(path)
+
+
+# ---- Stopping cleanly on SIGTERM / SIGINT ---------------------------------------------------------
+
+
+class StopSignal:
+  """While active, the first SIGTERM or SIGINT asks the loop to stop after the current step
+  (`requested`); a second one exits at once."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = {}
+
+  def __enter__(self):
+    for signum in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._previous[signum] = signal.signal(signum, self._handle)
+      except ValueError:  # Not the main thread (e.g. a notebook worker): no handlers.
+        pass
+    return self
+
+  def __exit__(self, *exc):
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+
+  def _handle(self, signum, frame):
+    if self.requested:
+      os._exit(128 + signum)
+    self.requested = True
+    print(f"\n{signal.Signals(signum).name}: finishing this step, saving a checkpoint, then "
+          "exiting (send it again to exit at once).", file=sys.stderr, flush=True)
+
+
+# ---- Hugging Face exports -----------------------------------------------------------------------
 
 
 def export(path: str, config: ModelConfig, params, tokenizer_from: str) -> None:

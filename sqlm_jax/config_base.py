@@ -94,8 +94,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.log.tensorboard = True
   c.log.progress_bar = True
 
+  # Whole-run checkpoints (sqlm_jax/checkpoints.py) in WORKDIR/checkpoints: rerunning the same
+  # command resumes from the newest. Hugging Face exports of the roles are written at the end;
+  # `python -m sqlm_jax.export` writes one from any saved step.
   c.checkpoint = ml_collections.ConfigDict()
-  c.checkpoint.every = 0  # Export solver/proposer Hugging Face checkpoints every K steps (0 = end).
+  c.checkpoint.every = 50  # Save every this many steps (0 = only at the end or on SIGTERM).
+  c.checkpoint.keep = 3  # Keep the newest this many (0 = all).
+  # Start over in a workdir that holds another run (its logs and checkpoints are deleted).
+  c.overwrite = False
 
   c.sandbox = ml_collections.ConfigDict()  # Coding topics only.
   c.sandbox.workers = 0  # 0 = one per CPU.
