@@ -194,7 +194,7 @@ def clear(workdir: str, with_checkpoints: bool = True) -> None:
       os.remove(path)
 
 
-# ---- Stopping cleanly on SIGTERM / SIGINT ---------------------------------------------------------
+# ---- Stopping cleanly on SIGTERM / SIGINT ------------------------------------------------------
 
 
 class StopSignal:

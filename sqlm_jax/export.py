@@ -43,7 +43,8 @@ def export_checkpoint(workdir: str, role: str, out: str, step: Optional[int] = N
     raise ExportError(f"No checkpoint of step {step} in {folder}; saved steps: "
                       f"{', '.join(map(str, steps))}.")
   ocp = checkpoints._ocp()
-  config = mngr.restore(step, args=ocp.args.Composite(host=ocp.args.JsonRestore()))["host"]["config"]
+  host = mngr.restore(step, args=ocp.args.Composite(host=ocp.args.JsonRestore()))["host"]
+  config = host["config"]
   model_path = model_path or config["model"]["path"]
   if not os.path.isfile(os.path.join(model_path, "config.json")):
     raise ExportError(f"The run's starting checkpoint {model_path!r} (model config and tokenizer) "
