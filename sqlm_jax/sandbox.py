@@ -535,11 +535,15 @@ def _make_parents(path: str, args: list[str], made: set[str]):
 def _readonly_binds() -> list[str]:
   """bwrap arguments for the interpreter, its standard library, libpython, the loader and the
   system library directory; not /usr as a whole (no /usr/local, /usr/share, /usr/bin)."""
-  stdlib = sysconfig.get_path("stdlib")
+  # The base installation's paths: inside a virtualenv, "platstdlib" would be the venv's own lib
+  # directory (its site-packages, and a path into the project that made it).
+  base = {"base": sys.base_prefix, "platbase": sys.base_exec_prefix,
+          "installed_base": sys.base_prefix, "installed_platbase": sys.base_exec_prefix}
+  stdlib = sysconfig.get_path("stdlib", vars=base)
   libpython = os.path.join(sysconfig.get_config_var("LIBDIR") or "",
                            sysconfig.get_config_var("INSTSONAME") or "")
   dynload = [p for p in sys.path if p.endswith("lib-dynload")]
-  paths = [PYTHON, stdlib, sysconfig.get_path("platstdlib"), *dynload, libpython,
+  paths = [PYTHON, stdlib, sysconfig.get_path("platstdlib", vars=base), *dynload, libpython,
            _elf_interpreter(PYTHON), _system_library_dir()]
   args, made, bound = [], set(), set()
   # Directories first, so a file inside one is not bound a second time.
