@@ -38,7 +38,7 @@ def test_group_advantages_hand_cases():
       [[0.5, -0.5, -0.5, 0.5], [0.75, -0.25, -0.25, -0.25]], rtol=1e-6)
 
 
-@pytest.mark.parametrize("estimator", rl.ADVANTAGE_ESTIMATORS)
+@pytest.mark.parametrize("estimator", rl.GROUP_ESTIMATORS)
 def test_group_advantages_equal_rewards_are_exactly_zero(estimator):
   # 0.1 is not exact in binary: the mean rounds, and grpo's eps would amplify it.
   rewards = np.array([[0.1, 0.1, 0.1], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
