@@ -169,3 +169,33 @@ def test_random_solver_reward_keeps_pass_rates_and_defaults_to_all_answers():
   firsts = {float(rewards.random_solver_reward(jax.random.key(s), pass_rates)[0, 0])
             for s in range(30)}
   assert firsts == {0.0, 0.25, 0.5, 1.0}
+
+
+def test_invalid_answers_vote_as_the_reference_does():
+  """[None, None, a, a]: the reference rewards nobody and pays the proposer nothing."""
+  ids = np.array([
+      [-1, -1, 0, 0],  # None ties with a and was sampled first: None wins
+      [0, 0, -1, -1],  # a ties with None and was sampled first: a wins
+      [-1, -1, -1, 0],  # None outvotes a
+      [0, -1, 0, 1],  # a outvotes None
+  ])
+  majority_id, k, has_majority = rewards.majority_vote(ids, invalid_votes=True)
+  np.testing.assert_array_equal(majority_id, [-1, 0, -1, 0])
+  np.testing.assert_array_equal(k, [0, 2, 0, 2])
+  np.testing.assert_array_equal(has_majority, [False, True, False, True])
+  solver_r = rewards.solver_reward(ids, invalid_votes=True)
+  np.testing.assert_array_equal(solver_r, [[0, 0, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0],
+                                           [1, 0, 1, 0]])
+  np.testing.assert_array_equal(rewards.proposer_reward(k, 4, "sqlm"), [0, 1, 0, 1])
+  # Today's rule on the same answers: None never votes, so a wins the first and third.
+  _, k_ours, _ = rewards.majority_vote(ids)
+  np.testing.assert_array_equal(k_ours, [2, 2, 1, 2])
+  np.testing.assert_array_equal(rewards.solver_reward(ids)[0], [0, 0, 1, 1])
+  np.testing.assert_array_equal(rewards.proposer_reward(k_ours, 4, "sqlm"), [1, 1, 0, 1])
+
+
+def test_a_tie_with_none_rewards_nobody_without_tie_breaking():
+  ids = np.array([[0, 0, -1, -1], [0, 0, -1, 1]])
+  np.testing.assert_array_equal(rewards.majority_is_tied(ids, invalid_votes=True), [True, False])
+  np.testing.assert_array_equal(rewards.solver_reward(ids, break_ties=False, invalid_votes=True),
+                                [[0, 0, 0, 0], [1, 1, 0, 0]])
