@@ -660,6 +660,26 @@ def make_logprob_fn(apply_fn, temperature, micro_batch_size, param_shardings=Non
   return jax.jit(logprob_fn, in_shardings=(param_shardings, None, None))
 
 
+def make_value_fn(apply_fn, micro_batch_size, param_shardings=None):
+  """Jitted `(params, tokens, attention_mask) -> values [B, T]`, target-aligned like log-probs:
+  entry t is the value model's estimate before tokens[:, t] (read at position t - 1); entry 0
+  is 0. apply_fn gives one value per position (see sqlm_jax/critic.py). For GAE's old values."""
+
+  def value_fn(params, tokens, attention_mask):
+    b = tokens.shape[0]
+    if b % micro_batch_size:
+      raise ValueError(f"Batch size {b} is not divisible by micro_batch_size={micro_batch_size}.")
+    micro = (_split_micro(tokens, micro_batch_size), _split_micro(attention_mask, micro_batch_size))
+    out = jax.lax.map(lambda xs: apply_fn(params, xs[0], positions_from_mask(xs[1]), xs[1]),
+                      micro)  # [B/m, m, T]
+    out = jnp.swapaxes(out, 0, 1).reshape(tokens.shape).astype(jnp.float32)
+    return jnp.pad(out[:, :-1], ((0, 0), (1, 0)))
+
+  if param_shardings is None:
+    return jax.jit(value_fn)
+  return jax.jit(value_fn, in_shardings=(param_shardings, None, None))
+
+
 # ---------------------------------------------------------------------------------------------
 # Optimizer
 
