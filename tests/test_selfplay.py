@@ -122,13 +122,14 @@ def test_shared_weights_update_one_pytree_with_both_roles(qwen2_dir, permissive)
   state, metrics, _ = selfplay.train_step(s, state, jax.random.key(1))
   assert set(state.params) == {"policy"}
   assert "solver/grad_norm_combined" in metrics and "proposer/grad_norm_combined" in metrics
+  assert int(state.opt_state["policy"].count) == 1  # Summed: both roles in one step.
   after = state.params["policy"]
   assert any(not np.array_equal(a, np.asarray(b)) for a, b in zip(jax.tree.leaves(before),
                                                                   jax.tree.leaves(after)))
 
 
 def test_separate_roles_proposer_waits_for_its_cadence(qwen2_dir, permissive):
-  config = tiny_config(qwen2_dir, proposer_update_every=2)
+  config = tiny_config(qwen2_dir, proposer_update_every=2, **{"rl.lr_schedule": "cosine"})
   s, state = selfplay.setup(config)
   proposer_before = jax.tree.map(np.asarray, state.params["proposer"])
   state, metrics, _ = selfplay.train_step(s, state, jax.random.key(1))  # step 1: solver only
@@ -137,6 +138,12 @@ def test_separate_roles_proposer_waits_for_its_cadence(qwen2_dir, permissive):
     np.testing.assert_array_equal(a, np.asarray(b))
   state, metrics, _ = selfplay.train_step(s, state, jax.random.key(2))  # step 2: both
   assert "proposer/grad_norm" in metrics
+  # The proposer's first update is at the schedule's step 1, like the solver's second: the
+  # cosine over total_steps = 2 is at its middle for both.
+  expected = float(s.lr_schedule(1))
+  assert expected == pytest.approx(0.5 * config.rl.learning_rate)
+  assert metrics["proposer/learning_rate"] == pytest.approx(expected)
+  assert metrics["solver/learning_rate"] == pytest.approx(expected)
 
 
 def test_vote_signals_on_a_hand_worked_batch():
@@ -156,3 +163,48 @@ def test_vote_signals_with_the_gaussian_proposer_reward():
   _, _, _, proposer_r, _ = selfplay.vote_signals(
       ids, 0.75, 0.1, 1e-6, shape="gaussian", estimator="grpo", min_votes=1, break_ties=True)
   np.testing.assert_allclose(proposer_r, np.exp(-np.square([-0.25, 0.0, 0.25]) / 0.02), rtol=1e-6)
+
+
+def test_update_plan_orders_roles_and_mini_batches():
+  s0, s1, p0 = "s0", "s1", "p0"
+  batches = {"proposer": [p0], "solver": [s0, s1]}
+  config = base_config()
+  config.shared_weights = True
+  config.shared_weights_update = "sequential"  # Solver first, then the proposer.
+  assert selfplay.update_plan(config, batches) == [
+      ("policy", ("solver",), (s0,)), ("policy", ("solver",), (s1,)),
+      ("policy", ("proposer",), (p0,))]
+  config.shared_weights_update = "summed"  # The roles' j-th mini-batches in one step.
+  assert selfplay.update_plan(config, batches) == [
+      ("policy", ("solver", "proposer"), (s0, p0)), ("policy", ("solver",), (s1,))]
+  config.rl.ppo_epochs = 2
+  assert len(selfplay.update_plan(config, batches)) == 4
+  config.shared_weights = False
+  assert selfplay.update_plan(config, batches) == [
+      ("solver", ("solver",), (s0,)), ("solver", ("solver",), (s1,)),
+      ("solver", ("solver",), (s0,)), ("solver", ("solver",), (s1,)),
+      ("proposer", ("proposer",), (p0,)), ("proposer", ("proposer",), (p0,))]
+
+
+def test_sequential_mini_batches_with_a_value_model(qwen2_dir, permissive):
+  """Shared weights, sequential: the solver's mini-batches then the proposer's, each one
+  optimizer step; GAE advantages from the value model, which takes the same steps."""
+  config = tiny_config(qwen2_dir, shared_weights=True, shared_weights_update="sequential",
+                       **{"rl.ppo_mini_batch_size": 4, "rl.advantage_estimator": "gae",
+                          "rl.critic_learning_rate": 1e-3, "rl.kl_coef": 0.0})
+  s, state = selfplay.setup(config)
+  assert set(state.params) == set(state.opt_state) == {"policy", "critic"}
+  critic_before = jax.tree.map(np.asarray, state.params["critic"])
+  state, metrics, _ = selfplay.train_step(s, state, jax.random.key(1))
+  solver_steps = metrics["solver/optimizer_steps"]
+  proposer_steps = metrics["proposer/optimizer_steps"]
+  q = metrics["num_questions"]
+  assert solver_steps == -(-q * 4 // 4) and proposer_steps == 2  # 4 answers per question; 6 proposals
+  assert int(state.opt_state["policy"].count) == solver_steps + proposer_steps
+  assert int(state.opt_state["critic"].count) == solver_steps + proposer_steps
+  assert metrics["critic/optimizer_steps"] == solver_steps + proposer_steps
+  assert math.isfinite(metrics["critic/value_loss"]) and "solver/grad_norm" in metrics
+  assert metrics["critic/learning_rate"] == pytest.approx(1e-3)
+  changed = [not np.array_equal(a, np.asarray(b)) for a, b in zip(
+      jax.tree.leaves(critic_before), jax.tree.leaves(state.params["critic"]))]
+  assert any(changed)
