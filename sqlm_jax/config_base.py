@@ -49,6 +49,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.task = ml_collections.ConfigDict()
   c.task.name = "arithmetic"  # arithmetic | algebra | generic | coding | tiny_addition
   c.task.topic = ""  # Topic text for the proposer prompt; "" = the task's default topic.
+  # Where each step's questions come from: "proposer" (self-play) or "fixed", the task's own
+  # generator (Task.generate_question), seeded from (seed, step): the no-proposer baseline; the
+  # proposer is then neither sampled nor updated.
+  c.task.question_source = "proposer"
 
   c.rollout = ml_collections.ConfigDict()
   c.rollout.prompts_per_step = 64  # Topic prompts per step (each one a proposer group).
@@ -72,6 +76,16 @@ def base_config() -> ml_collections.ConfigDict:
   # True (the reference): unparseable answers vote together as None; a question None wins
   # rewards nobody and counts k = 0 for the proposer. False (ours): they never vote.
   c.rewards.invalid_answers_vote = False
+  # "majority" (the vote) | "random": the information-free control, each question's rewards
+  # handed to random valid answers (rewards.random_solver_reward); the proposer is still paid
+  # from the real vote.
+  c.rewards.solver_reward = "majority"
+  # The guard against a low-confidence vote (README "Ablations"); margin = the majority's votes
+  # minus the runner-up's. A question whose margin is below proposer_min_margin pays the
+  # proposer 0; one below solver_min_margin rewards no answer (its group trains nothing).
+  # 0 = off (today's rewards exactly). No extra samples: array code over the same [Q, N] votes.
+  c.rewards.proposer_min_margin = 0
+  c.rewards.solver_min_margin = 0
 
   c.rl = rl.default_config()  # Loss, advantages, optimizer: documented in rl.default_config.
   c.rl.learning_rate = 1e-6

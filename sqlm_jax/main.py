@@ -45,6 +45,8 @@ def validate(config) -> None:
                       "checkpoint folder.")
   _choice(config, "task.name", TASK_NAMES)
   _choice(config, "rewards.proposer_shape", rewards.PROPOSER_SHAPES)
+  _choice(config, "rewards.solver_reward", rewards.SOLVER_REWARDS)
+  _choice(config, "task.question_source", ("proposer", "fixed"))
   _choice(config, "rl.advantage_estimator", rl.ADVANTAGE_ESTIMATORS)
   _choice(config, "rl.kl_estimator", rl.KL_ESTIMATORS)
   _choice(config, "rl.loss_agg", rl.LOSS_AGGREGATIONS)
@@ -104,7 +106,26 @@ def validate(config) -> None:
     for key in ("rl.gae_gamma", "rl.gae_lambda"):
       if not 0 <= _get(config, key) <= 1:
         raise ConfigError(f"config.{key}={_get(config, key)} must be in [0, 1].")
+  for key in ("rewards.proposer_min_margin", "rewards.solver_min_margin"):
+    if _get(config, key) < 0:
+      raise ConfigError(f"config.{key}={_get(config, key)} must be >= 0 (0 = off).")
+  check_task_options(config)
   check_context_length(config)
+
+
+def check_task_options(config) -> None:
+  """Options that need something of the task: a question generator, or a vote to guard."""
+  from sqlm_jax.selfplay import make_task
+  task, _ = make_task(config)
+  if config.task.question_source == "fixed" and task.generate_question is None:
+    raise ConfigError(f"config.task.question_source='fixed' needs a question generator, which "
+                      f"task {task.name!r} does not have; use tiny_addition or arithmetic, or "
+                      "question_source='proposer'.")
+  if task.reward_kind != "vote":
+    for key in ("rewards.proposer_min_margin", "rewards.solver_min_margin"):
+      if _get(config, key):
+        raise ConfigError(f"config.{key}={_get(config, key)} guards a majority vote; task "
+                          f"{task.name!r} scores answers by tests, so set it to 0.")
 
 
 def check_context_length(config) -> None:

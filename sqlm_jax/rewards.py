@@ -90,6 +90,43 @@ def majority_is_tied(answer_ids, invalid_votes=False):
   return tied
 
 
+def vote_margin(answer_ids, invalid_votes=False):
+  """int [Q]: the majority's votes minus the runner-up candidate's (0 where there is no majority).
+
+  A label-free confidence of the vote: 0 for a tie, k for a lone answer among invalid ones
+  (with invalid_votes, the invalid answers are one candidate, None, that can be runner-up).
+  For [0, 0, 0, 1, 1, 2, -1, -1]: k = 3, runner-up 2 -> 1; with invalid_votes also 1.
+  """
+  answer_ids = jnp.asarray(answer_ids)
+  valid = answer_ids >= 0  # [Q, N]
+  same = (answer_ids[:, :, None] == answer_ids[:, None, :]) & valid[:, :, None]  # [Q, N, N]
+  votes = jnp.sum(same, axis=-1, dtype=jnp.int32)  # [Q, N]
+  majority_id, k, has_majority = majority_vote(answer_ids, invalid_votes)
+  others = valid & (answer_ids != majority_id[:, None])  # [Q, N]
+  runner_up = jnp.max(jnp.where(others, votes, 0), axis=-1)  # [Q]
+  if invalid_votes:
+    runner_up = jnp.maximum(runner_up, jnp.sum(~valid, axis=-1, dtype=jnp.int32))
+  return jnp.where(has_majority, k - runner_up, 0)
+
+
+def confident_majority(answer_ids, min_margin, invalid_votes=False):
+  """bool [Q]: the question has a majority that leads the runner-up by at least `min_margin`
+  votes (the guard against paying for, and training on, a low-confidence vote; see
+  README "Ablations"). min_margin=0 keeps every question that has a majority."""
+  return (vote_margin(answer_ids, invalid_votes) >= min_margin) & majority_vote(
+      answer_ids, invalid_votes)[2]
+
+
+def split_half_agreement(answer_ids):
+  """bool [Q]: the majority of the first N // 2 answers equals that of the last N // 2 (both
+  exist): the vote's stability across two independent rounds of half the size. For diagnostics."""
+  answer_ids = jnp.asarray(answer_ids)
+  half = answer_ids.shape[1] // 2
+  first, _, has_first = majority_vote(answer_ids[:, :half])
+  second, _, has_second = majority_vote(answer_ids[:, half:2 * half])
+  return has_first & has_second & (first == second)
+
+
 def solver_reward(answer_ids, min_votes=1, break_ties=True, invalid_votes=False):
   """float [Q, N]: 1.0 where the answer is valid and equals the question's majority answer.
 

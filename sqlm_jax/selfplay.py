@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import json
 import os
+import random
 import time
 from typing import Any, Optional
 
@@ -304,25 +305,102 @@ def gae_batch(batch, values, *, gamma, lam):
 
 # The reward shape's constants are static: they come from the config and never change in a run.
 @functools.partial(jax.jit, static_argnames=("centre", "width", "eps", "shape", "estimator",
-                                             "min_votes", "break_ties", "invalid_votes", "ddof"))
+                                             "min_votes", "break_ties", "invalid_votes", "ddof",
+                                             "solver_reward", "proposer_min_margin",
+                                             "solver_min_margin"))
 def vote_signals(ids, centre, width, eps, *, shape, estimator, min_votes, break_ties,
-                 invalid_votes=False, ddof=0):
+                 invalid_votes=False, ddof=0, solver_reward="majority", proposer_min_margin=0,
+                 solver_min_margin=0, key=None):
   """answer ids [Q, N] -> majority id [Q], k [Q], solver reward [Q, N], proposer reward [Q],
-  solver advantages [Q, N] (the N answers of a question are one group)."""
+  solver advantages [Q, N] (the N answers of a question are one group).
+
+  The margin guard (0 = off): a question whose majority leads the runner-up by fewer than
+  proposer_min_margin votes pays the proposer 0, by fewer than solver_min_margin rewards no
+  answer. solver_reward="random" hands each question's rewards to random valid answers (`key`)
+  and the advantages follow; the proposer is still paid from the real vote's k, so the control
+  changes only what the solver learns from, not the questions it is asked.
+  """
   majority_id, k, _ = rewards.majority_vote(ids, invalid_votes)
-  solver_r = rewards.solver_reward(ids, min_votes, break_ties, invalid_votes)
-  proposer_r = rewards.proposer_reward(k, ids.shape[1], shape, centre, width)
+  solver_r = rewards.solver_reward(ids, min_votes, break_ties, invalid_votes)  # [Q, N]
+  proposer_r = rewards.proposer_reward(k, ids.shape[1], shape, centre, width)  # [Q]
+  if solver_min_margin > 0:
+    solver_r *= rewards.confident_majority(ids, solver_min_margin, invalid_votes)[:, None]
+  if proposer_min_margin > 0:
+    proposer_r *= rewards.confident_majority(ids, proposer_min_margin, invalid_votes)
+  if solver_reward == "random":
+    solver_r = rewards.random_solver_reward(key, solver_r, ids >= 0)
   return majority_id, k, solver_r, proposer_r, rl.group_advantages(solver_r, estimator, eps,
                                                                    ddof=ddof)
 
 
 @functools.partial(jax.jit, static_argnames=("centre", "width", "eps", "shape", "estimator",
-                                             "ddof"))
-def test_signals(passes, test_mask, centre, width, eps, *, shape, estimator, ddof=0):
-  """Test results [Q, N, T] -> solver reward (pass rate) [Q, N], proposer reward [Q], advantages."""
+                                             "ddof", "solver_reward"))
+def test_signals(passes, test_mask, centre, width, eps, *, shape, estimator, ddof=0,
+                 solver_reward="majority", key=None):
+  """Test results [Q, N, T] -> solver reward (pass rate) [Q, N], proposer reward [Q], advantages.
+
+  solver_reward="random" shuffles each question's pass rates among its N programs (`key`).
+  """
   solver_r = rewards.pass_rate_solver_reward(passes, test_mask)
   proposer_r = rewards.pass_rate_proposer_reward(passes, test_mask, shape, centre, width)
+  if solver_reward == "random":
+    solver_r = rewards.random_solver_reward(key, solver_r)
   return solver_r, proposer_r, rl.group_advantages(solver_r, estimator, eps, ddof=ddof)
+
+
+def score(s: Setup, questions: list[Proposal], answers: list[list], key: jax.Array):
+  """Answers -> majority answers [Q], k [Q], solver rewards [Q, N], proposer rewards [Q] and
+  solver advantages [Q, N] (under GAE the rewards: the critic makes the advantages)."""
+  c, n, q = s.config, s.config.rollout.answers_per_question, len(questions)
+  gae = c.rl.advantage_estimator == "gae"
+  shape = dict(shape=c.rewards.proposer_shape, centre=c.rewards.gaussian_centre,
+               width=c.rewards.gaussian_width, eps=c.rl.advantage_eps, ddof=c.rl.std_ddof,
+               estimator="grpo" if gae else c.rl.advantage_estimator,
+               solver_reward=c.rewards.solver_reward, key=key)
+  rows = bucket(q, 1)  # Padded question count: the jitted reward code sees few shapes.
+  if s.task.reward_kind == "tests":
+    from sqlm_jax.tasks.coding import pass_matrix
+    passes, test_mask = pass_matrix(questions + [Proposal(None)] * (rows - q),
+                                    answers + [[None] * n] * (rows - q), s.sandbox_pool)
+    solver_r, proposer_r, solver_adv = test_signals(passes, test_mask, **shape)
+    # Answers passing every test (a random shuffle keeps each question's rewards).
+    k = (np.asarray(solver_r) == 1.0).sum(-1)
+    majority = [None] * q
+  else:
+    ids = np.full((rows, n), -1, np.int32)
+    ids[:q] = answer_ids(answers) if q else ids[:0]
+    majority_id, k, solver_r, proposer_r, solver_adv = vote_signals(
+        ids, min_votes=c.rewards.min_votes, break_ties=c.rewards.break_ties,
+        invalid_votes=c.rewards.invalid_answers_vote,
+        proposer_min_margin=c.rewards.proposer_min_margin,
+        solver_min_margin=c.rewards.solver_min_margin, **shape)
+    majority_id = np.asarray(majority_id)
+    majority = [row[list(ids[i]).index(majority_id[i])] if majority_id[i] >= 0 else None
+                for i, row in enumerate(answers)]
+  k, solver_r, proposer_r, solver_adv = (np.asarray(x)[:q] for x in (k, solver_r, proposer_r,
+                                                                      solver_adv))
+  return majority, k, solver_r, proposer_r, (solver_r if gae else solver_adv)
+
+
+def fixed_questions(config, task: Task, step: int) -> list[Proposal]:
+  """The step's questions from the task's own generator (task.question_source="fixed"), seeded
+  from (seed, step) alone, so a resumed run draws the same ones."""
+  rng = random.Random(f"{config.seed}:{step}")
+  count = config.rollout.prompts_per_step * config.rollout.proposals_per_prompt
+  return [task.generate_question(rng) for _ in range(count)]
+
+
+def proposer_advantages(config, proposer_r: np.ndarray, valid: np.ndarray) -> np.ndarray:
+  """Proposer rewards [Q] -> advantages over every proposal [P*M], grouped by topic prompt, the
+  invalid masked (weight 0, out of the statistics); under GAE the rewards themselves."""
+  full_r = np.zeros(len(valid), np.float32)
+  full_r[valid] = proposer_r
+  if config.rl.advantage_estimator == "gae":
+    return full_r
+  groups = (config.rollout.prompts_per_step, config.rollout.proposals_per_prompt)
+  return np.asarray(rl.group_advantages(
+      full_r.reshape(groups), config.rl.advantage_estimator, config.rl.advantage_eps,
+      mask=valid.reshape(groups), ddof=config.rl.std_ddof)).reshape(-1)
 
 
 # ---- One step --------------------------------------------------------------------------------------
@@ -331,24 +409,31 @@ def test_signals(passes, test_mask, centre, width, eps, *, shape, estimator, ddo
 def train_step(s: Setup, state: RunState, key: jax.Array) -> tuple[RunState, dict, list[dict]]:
   c, task, tok = s.config, s.task, s.tokenizer
   n = c.rollout.answers_per_question
+  fixed = c.task.question_source == "fixed"
   times, m = {}, {}
   sampling = dict(top_k=c.rollout.top_k, top_p=c.rollout.top_p)
 
   # 1. Propose: every topic prompt is one proposer group of `proposals_per_prompt` samples. The
   #    prompts are identical, so all P*M proposals share one prefill (row r is in group r // M).
+  #    With fixed questions the task's generator writes them instead, and nothing is sampled.
   t0 = time.perf_counter()
-  proposer_prompt = encode_chat(tok, task.proposer_messages(s.topic))
-  num_proposals = c.rollout.prompts_per_step * c.rollout.proposals_per_prompt
-  proposals_out = s.samplers["proposer"](
-      state.params[role_key(c, "proposer")], [proposer_prompt], jax.random.fold_in(key, 0),
-      max_new_tokens=c.rollout.max_proposal_tokens, num_samples=num_proposals,
-      temperature=c.rollout.temperature, **sampling)
+  proposals_out = None
+  if not fixed:
+    proposals_out = s.samplers["proposer"](
+        state.params[role_key(c, "proposer")], [encode_chat(tok, task.proposer_messages(s.topic))],
+        jax.random.fold_in(key, 0), max_new_tokens=c.rollout.max_proposal_tokens,
+        num_samples=c.rollout.prompts_per_step * c.rollout.proposals_per_prompt,
+        temperature=c.rollout.temperature, **sampling)
   times["propose"] = time.perf_counter() - t0
 
   # 2. Parse: proposals -> questions; the invalid are masked out of both losses.
   t0 = time.perf_counter()
-  proposal_texts = evaluation.decode_rows(tok, proposals_out)
-  proposals = [task.parse_proposal(text) for text in proposal_texts]  # [P*M]
+  if fixed:
+    proposals = fixed_questions(c, task, state.step)
+    proposal_texts = [p.question for p in proposals]
+  else:
+    proposal_texts = evaluation.decode_rows(tok, proposals_out)
+    proposals = [task.parse_proposal(text) for text in proposal_texts]  # [P*M]
   valid = np.array([p.valid for p in proposals])
   questions = [p for p in proposals if p.valid]  # [Q]
   solver_prompts = [encode_chat(tok, task.solver_messages(p)) for p in questions]
@@ -369,56 +454,29 @@ def train_step(s: Setup, state: RunState, key: jax.Array) -> tuple[RunState, dic
   q = len(questions)
   answer_texts = evaluation.decode_rows(tok, answers_out) if questions else []
   answers = [[task.extract_answer(t) for t in answer_texts[i * n:(i + 1) * n]] for i in range(q)]
-  gae = c.rl.advantage_estimator == "gae"  # Then advantages come from the critic, in step 5.
-  shape = dict(shape=c.rewards.proposer_shape, centre=c.rewards.gaussian_centre,
-               width=c.rewards.gaussian_width, eps=c.rl.advantage_eps, ddof=c.rl.std_ddof,
-               estimator="grpo" if gae else c.rl.advantage_estimator)
-  rows = bucket(q, 1)  # Padded question count: the jitted reward code sees few shapes.
-  if task.reward_kind == "tests":
-    from sqlm_jax.tasks.coding import pass_matrix
-    passes, test_mask = pass_matrix(questions + [Proposal(None)] * (rows - q),
-                                    answers + [[None] * n] * (rows - q), s.sandbox_pool)
-    solver_r, proposer_r, solver_adv = test_signals(passes, test_mask, **shape)
-    k = (np.asarray(solver_r) == 1.0).sum(-1)  # Answers passing every test.
-    majority = [None] * q
-  else:
-    ids = np.full((rows, n), -1, np.int32)
-    ids[:q] = answer_ids(answers) if q else ids[:0]
-    majority_id, k, solver_r, proposer_r, solver_adv = vote_signals(
-        ids, min_votes=c.rewards.min_votes, break_ties=c.rewards.break_ties,
-        invalid_votes=c.rewards.invalid_answers_vote, **shape)
-    majority_id = np.asarray(majority_id)
-    majority = [row[list(ids[i]).index(majority_id[i])] if majority_id[i] >= 0 else None
-                for i, row in enumerate(answers)]
-  k, solver_r, proposer_r, solver_adv = (np.asarray(x)[:q] for x in (k, solver_r, proposer_r,
-                                                                      solver_adv))
+  majority, k, solver_r, proposer_r, solver_adv = score(s, questions, answers,
+                                                        jax.random.fold_in(key, 2))
   m.update(score_metrics(s, state, proposals, questions, answers, majority, solver_r, proposer_r,
                          k, answers_out, proposals_out))
   times["host_score"] = time.perf_counter() - t0
 
   # 5. Update: solver groups are the N answers of a question; proposer groups the M proposals
-  #    of a topic prompt, with invalid proposals masked (weight 0, excluded from the statistics).
-  #    Every batch (old log-probs, values) is built from the weights before any update.
+  #    of a topic prompt. Every batch (old log-probs, values) is built from the weights before
+  #    any update. Fixed questions have no proposer to update.
   t0 = time.perf_counter()
   batches, rows = {}, {}
   critic_params = state.params.get("critic")
   if q:
     rows["solver"] = q * n
     batches["solver"] = training_batch(s, "solver", answers_out, n, np.arange(q * n),
-                                       (solver_r if gae else solver_adv).reshape(-1),
-                                       np.ones(q * n), state.params[role_key(c, "solver")],
-                                       critic_params)
-  update_proposer = (state.step + 1) % c.proposer_update_every == 0
+                                       solver_adv.reshape(-1), np.ones(q * n),
+                                       state.params[role_key(c, "solver")], critic_params)
+  update_proposer = not fixed and (state.step + 1) % c.proposer_update_every == 0
   if update_proposer and valid.any():
-    full_r = np.zeros(len(proposals), np.float32)
-    full_r[valid] = proposer_r
-    groups = (c.rollout.prompts_per_step, c.rollout.proposals_per_prompt)
-    adv = full_r if gae else np.asarray(rl.group_advantages(
-        full_r.reshape(groups), c.rl.advantage_estimator, c.rl.advantage_eps,
-        mask=valid.reshape(groups), ddof=c.rl.std_ddof)).reshape(-1)
     rows["proposer"] = len(proposals)
-    batches["proposer"] = training_batch(s, "proposer", proposals_out, num_proposals,
-                                         np.arange(len(proposals)), adv,
+    batches["proposer"] = training_batch(s, "proposer", proposals_out, len(proposals),
+                                         np.arange(len(proposals)),
+                                         proposer_advantages(c, proposer_r, valid),
                                          valid.astype(np.float32),
                                          state.params[role_key(c, "proposer")], critic_params)
   mini = {role: rl.mini_batches(batch, rows[role], c.rl.ppo_mini_batch_size)
@@ -525,7 +583,8 @@ def score_metrics(s, state, proposals, questions, answers, majority, solver_r, p
       "k_histogram": np.bincount(np.asarray(k, np.int64), minlength=n + 1).tolist(),
       "answer_valid_rate": float(np.mean([[a is not None for a in row] for row in answers]))
                            if answers else None,
-      "proposal_length": float(proposals_out.lengths.mean()),
+      "proposal_length": float(proposals_out.lengths.mean()) if proposals_out is not None
+                         else None,
       "answer_length": float(answers_out.lengths.mean()) if answers_out is not None else None,
       "proposal_distinct2": diversity.distinct_n(texts, 2),
       "proposal_duplicate_rate": diversity.duplicate_rate(texts),
