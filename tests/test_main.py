@@ -90,3 +90,20 @@ def test_the_lr_schedule_ends_with_the_run_unless_told_otherwise():
   assert config.rl.total_steps == 40
   config.rl.total_steps = 30  # An explicit schedule length does not change the run's length.
   assert (config.total_steps, config.rl.total_steps) == (40, 30)
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--config.task.question_source=fixed"],
+     "config.task.question_source='fixed' needs a question generator, which task 'algebra'"),
+    (["--config.task.question_source=written"],
+     "config.task.question_source='written' is not one of: proposer, fixed."),
+    (["--config.rewards.solver_reward=coin"],
+     "config.rewards.solver_reward='coin' is not one of: majority, random."),
+    (["--config.rewards.proposer_min_margin=-1"], "config.rewards.proposer_min_margin=-1"),
+])
+def test_ablation_controls_are_checked(qwen2_dir, args, expected):
+  result = run_main("--config", "configs/algebra.py", f"--config.model.path={qwen2_dir}", *args,
+                    timeout=120)
+  assert result.returncode == 2
+  assert expected in result.stderr, result.stderr[-2000:]
+  assert result.stderr.count("\n") == 1  # one line, no traceback
