@@ -41,6 +41,16 @@ def test_corpus_skips_excluded_problems():
   assert texts == {"3000+4000=70000"}
 
 
+def test_corpus_skips_held_out_pairs_in_either_order():
+  """(3, 4) excluded: neither 3 + 4 nor 4 + 3 may appear; the rest of the one-digit pairs may."""
+  spec = pretrain_tiny.CorpusSpec(answered_digits=(1,), four_digit_fraction=0.0,
+                                  question_fraction=0.0)
+  rng = random.Random(0)
+  texts = {pretrain_tiny.make_document(rng, spec, frozenset({(3, 4)})) for _ in range(3000)}
+  assert "3000+4000=70000" not in texts and "4000+3000=70000" not in texts
+  assert "5000+4000=90000" in texts and "4000+5000=90000" in texts
+
+
 def test_heldout_and_dev_sets_are_disjoint_and_excluded():
   heldout, dev, excluded = pretrain_tiny.evaluation_sets()
   assert len(dev) == 300 and len(heldout) == datasets.NUM_EXAMPLES
