@@ -53,12 +53,19 @@ def _ocp():
   return ocp
 
 
-def manager(workdir: str, keep: int = 0):
-  """The CheckpointManager of WORKDIR/checkpoints, keeping the newest `keep` (0 = all)."""
+def manager(workdir: str, keep: int = 0, read_only: bool = False):
+  """The CheckpointManager of WORKDIR/checkpoints, keeping the newest `keep` (0 = all).
+
+  `read_only` for readers beside a live run (exports): it neither creates, deletes, nor
+  cleans up the unfinished folder of a save in progress.
+  """
   ocp = _ocp()
-  options = ocp.CheckpointManagerOptions(
-      preservation_policy=ocp.checkpoint_managers.LatestN(keep) if keep else None,
-      enable_async_checkpointing=True, create=True, cleanup_tmp_directories=True)
+  if read_only:
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+  else:
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=ocp.checkpoint_managers.LatestN(keep) if keep else None,
+        enable_async_checkpointing=True, create=True, cleanup_tmp_directories=True)
   return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)),
                                options=options)
 
@@ -178,7 +185,8 @@ def clear(workdir: str, with_checkpoints: bool = True) -> None:
   """Removes what a run writes into `workdir`: logs, exports, checkpoints (process 0 only)."""
   if not sharding.is_writer():
     return
-  for name in (*LOGS, "solver", "proposer", "config.json") + ((CHECKPOINT_DIR,) * with_checkpoints):
+  names = (*LOGS, "solver", "proposer", "config.json")
+  for name in names + ((CHECKPOINT_DIR,) if with_checkpoints else ()):
     path = os.path.join(workdir, name)
     if os.path.isdir(path):
       shutil.rmtree(path)
@@ -186,7 +194,7 @@ def clear(workdir: str, with_checkpoints: bool = True) -> None:
       os.remove(path)
 
 
-# ---- Stopping cleanly on SIGTERM / SIGINT ---------------------------------------------------------
+# ---- Stopping cleanly on SIGTERM / SIGINT ------------------------------------------------------
 
 
 class StopSignal:

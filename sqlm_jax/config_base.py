@@ -122,7 +122,7 @@ def base_config() -> ml_collections.ConfigDict:
   # `python -m sqlm_jax.export` writes one from any saved step.
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 50  # Save every this many steps (0 = only at the end or on SIGTERM).
-  c.checkpoint.keep = 3  # Keep the newest this many (0 = all).
+  c.checkpoint.keep = 2  # Keep the newest this many (0 = all); 3B, two roles: ~74 GB each.
   # Start over in a workdir that holds another run (its logs and checkpoints are deleted).
   c.overwrite = False
 

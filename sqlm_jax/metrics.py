@@ -50,8 +50,10 @@ class MetricsWriter:
     self._tb = None
     if tensorboard:
       from tensorboardX import SummaryWriter
-      # purge_step: a TensorBoard already showing the cut steps drops them too.
-      self._tb = SummaryWriter(tb_dir, purge_step=None if resume_from is None else resume_from + 1)
+      # purge_step: a TensorBoard already showing the cut steps drops them too. The suffix keeps
+      # the new file from taking the name of the one it continues (names end in seconds).
+      self._tb = SummaryWriter(tb_dir, purge_step=None if resume_from is None else resume_from + 1,
+                               filename_suffix="" if resume_from is None else f".from{resume_from}")
 
   def write(self, step: int, metrics: dict[str, Any]) -> None:
     record = plain({"step": step, **metrics})

@@ -650,16 +650,19 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if config.overwrite:
     checkpoints.clear(workdir)
   _barrier("sqlm_jax_workdir_cleared")
-  mngr = checkpoints.manager(workdir, config.checkpoint.keep)
-  saved = checkpoints.read_host(mngr)  # (step, host data) of the newest checkpoint, or None.
+  saved = None  # (step, host data) of the newest checkpoint.
+  if os.path.isdir(os.path.join(workdir, checkpoints.CHECKPOINT_DIR)):
+    reader = checkpoints.manager(workdir, read_only=True)
+    saved = checkpoints.read_host(reader)
+    reader.close()
   if saved:
     finished = resume_check(config, workdir, *saved)
     if finished:
-      mngr.close()
       return finished
   else:
     checkpoints.check_workdir(workdir, config)
   _barrier("sqlm_jax_workdir_checked")
+  mngr = checkpoints.manager(workdir, config.checkpoint.keep)
   if writes:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -684,7 +687,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   def save(state):
     host = dict(state.host(), base_eval=metrics_lib.plain(base),
-                last_eval=metrics_lib.plain(last_eval), config=json.loads(config.to_json_best_effort()))
+                last_eval=metrics_lib.plain(last_eval),
+                config=json.loads(config.to_json_best_effort()))
     checkpoints.save(mngr, state.step, state.arrays(), host)
 
   bar = tqdm(total=config.total_steps, initial=state.step,

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from sqlm_jax.models import (ModelConfig, forward, forward_with_cache, init_cache, load_pretrained,
                              param_logical_axes, save_pretrained)
+from sqlm_jax.models import transformer
 from tests import tiny
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -61,20 +62,24 @@ def test_logits_match_transformers_on_left_padded_batch(checkpoint):
   assert np.abs(ours - theirs)[mask.astype(bool)].max() <= 1e-4
 
 
-def test_prefill_then_decode_matches_full_forward(checkpoint):
+@pytest.mark.parametrize("per_layer", [True, False], ids=["per_layer_copy", "stacked"])
+def test_prefill_then_decode_matches_full_forward(checkpoint, per_layer):
+  """Both decode layouts: per-layer compute-dtype copies (CPU) and stacked (accelerators)."""
   path, _ = checkpoint
   config, params = load_pretrained(path)
   tokens, mask, positions = left_padded_batch(config.vocab_size, length=12)
   full = np.asarray(forward(params, config, jnp.asarray(tokens), jnp.asarray(positions),
                             jnp.asarray(mask)))
+  decode_params = transformer.inference_params(params, config, per_layer=per_layer)
+  assert isinstance(decode_params["layers"], tuple) == per_layer
   prompt = 7  # Prefill 7 tokens, then feed the remaining 5 one at a time through the cache.
   cache = init_cache(config, 3, 16)
   logits, cache = forward_with_cache(params, config, tokens[:, :prompt], positions[:, :prompt],
                                      mask[:, :prompt], cache)
   steps = [np.asarray(logits)]
   for t in range(prompt, 12):
-    logits, cache = forward_with_cache(params, config, tokens[:, t:t + 1], positions[:, t:t + 1],
-                                       mask[:, t:t + 1], cache)
+    logits, cache = forward_with_cache(decode_params, config, tokens[:, t:t + 1],
+                                       positions[:, t:t + 1], mask[:, t:t + 1], cache)
     steps.append(np.asarray(logits))
   cached = np.concatenate(steps, axis=1)
   assert np.abs(cached - full)[mask.astype(bool)].max() <= 1e-4
