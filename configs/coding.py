@@ -4,7 +4,9 @@
 
 The solver's programs run in the sandbox (sqlm_jax/sandbox.py, needs bubblewrap); the solver
 reward is the fraction of the proposer's 5 tests passed, the proposer's is 1 iff 0 < mean pass
-rate < 1. Evaluated on HumanEval (pass@1 greedy, pass@k sampled).
+rate < 1. Evaluated on HumanEval (pass@1 greedy, pass@k sampled). As in the reference's coding
+run, the update is PPO with GAE and a learned value model (a copy of the base with a scalar head,
+sqlm_jax/critic.py) and no KL term.
 """
 
 from sqlm_jax.config_base import base_config
@@ -25,9 +27,18 @@ def get_config():
   c.rollout.max_proposal_tokens = 512
   c.rollout.max_answer_tokens = 512
   c.rl.learning_rate = 1e-6
-  c.rl.kl_coef = 1e-3
-  c.rl.kl_estimator = "low_var"
+  c.rl.advantage_estimator = "gae"  # PPO with a value model (exps/coding_selfplay.yaml).
+  c.rl.critic_learning_rate = 1e-5
+  c.rl.kl_coef = 0.0
   c.proposer_update_every = 5
+  # The reference trainer's update (verl; see the README's fidelity table).
+  c.shared_weights_update = "sequential"
+  c.rl.weight_decay = 0.01
+  c.rl.clip_eps_low = 0.2
+  c.rl.clip_eps_high = 0.2
+  c.rl.loss_agg = "token_mean"
+  c.rl.ppo_mini_batch_size = 256  # A quarter of the solver's 1,024 answers per step, as 256/1024.
+  c.rl.ppo_epochs = 1
   c.rewards.proposer_shape = "sqlm"  # For pass rates: 1 iff 0 < p < 1.
   c.eval.heldout = "humaneval"
   c.eval.num_samples = 4  # pass@1 greedy and pass@4 from 4 samples.

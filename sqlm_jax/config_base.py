@@ -24,6 +24,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.remat = False  # Recompute layer activations in the backward pass to save memory.
   # Proposer and solver share one parameter pytree (the reference code) or train two copies.
   c.shared_weights = False
+  # With shared weights: "summed" adds the roles' gradients into one optimizer step per
+  # mini-batch (ours); "sequential" updates on the solver's batch, then on the proposer's with
+  # the solver-updated weights (the reference: two separate actor updates).
+  c.shared_weights_update = "summed"
 
   # The device mesh (sqlm_jax/sharding.py): sizes of its data / fsdp / tensor axes, whose product
   # is the device count; one of them may be -1 (the remaining devices).
@@ -45,6 +49,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.task = ml_collections.ConfigDict()
   c.task.name = "arithmetic"  # arithmetic | algebra | generic | coding | tiny_addition
   c.task.topic = ""  # Topic text for the proposer prompt; "" = the task's default topic.
+  # Where each step's questions come from: "proposer" (self-play) or "fixed", the task's own
+  # generator (Task.generate_question), seeded from (seed, step): the no-proposer baseline; the
+  # proposer is then neither sampled nor updated.
+  c.task.question_source = "proposer"
 
   c.rollout = ml_collections.ConfigDict()
   c.rollout.prompts_per_step = 64  # Topic prompts per step (each one a proposer group).
@@ -65,6 +73,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.rewards.gaussian_width = 0.2
   c.rewards.min_votes = 1  # A majority needs at least this many votes, else nobody is rewarded.
   c.rewards.break_ties = True  # False: a tied top count rewards nobody.
+  # True (the reference): unparseable answers vote together as None; a question None wins
+  # rewards nobody and counts k = 0 for the proposer. False (ours): they never vote.
+  c.rewards.invalid_answers_vote = False
+  # "majority" (the vote) | "random": the information-free control, each question's rewards
+  # handed to random valid answers (rewards.random_solver_reward); the proposer is still paid
+  # from the real vote.
+  c.rewards.solver_reward = "majority"
+  # The guard against a low-confidence vote (README "Ablations"); margin = the majority's votes
+  # minus the runner-up's. A question whose margin is below proposer_min_margin pays the
+  # proposer 0; one below solver_min_margin rewards no answer (its group trains nothing).
+  # 0 = off (today's rewards exactly). No extra samples: array code over the same [Q, N] votes.
+  c.rewards.proposer_min_margin = 0
+  c.rewards.solver_min_margin = 0
 
   c.rl = rl.default_config()  # Loss, advantages, optimizer: documented in rl.default_config.
   c.rl.learning_rate = 1e-6
@@ -74,8 +95,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.rl.temperature = c.rollout.get_ref("temperature")  # Follows rollout.temperature.
   c.rl.total_steps = c.get_ref("total_steps") * 1  # Cosine ends with the run (unless set).
   # Re-score sampled tokens with the training forward pass instead of trusting the sampler's
-  # log-probs (always done when top-k/top-p filter the sampling distribution).
-  c.rl.recompute_old_logprobs = False
+  # log-probs (always done when top-k/top-p filter the sampling distribution). Unset (None) =
+  # derived: True unless model.dtype is float32, where sampler and trainer agree (the
+  # reference always recomputes; in bfloat16 they differ by up to 3e-2 per token).
+  c.rl.recompute_old_logprobs = ml_collections.config_dict.placeholder(bool)
   c.proposer_update_every = 5  # The proposer is updated every this many steps.
 
   c.eval = ml_collections.ConfigDict()

@@ -45,6 +45,8 @@ def validate(config) -> None:
                       "checkpoint folder.")
   _choice(config, "task.name", TASK_NAMES)
   _choice(config, "rewards.proposer_shape", rewards.PROPOSER_SHAPES)
+  _choice(config, "rewards.solver_reward", rewards.SOLVER_REWARDS)
+  _choice(config, "task.question_source", ("proposer", "fixed"))
   _choice(config, "rl.advantage_estimator", rl.ADVANTAGE_ESTIMATORS)
   _choice(config, "rl.kl_estimator", rl.KL_ESTIMATORS)
   _choice(config, "rl.loss_agg", rl.LOSS_AGGREGATIONS)
@@ -84,6 +86,94 @@ def validate(config) -> None:
                         "for keep: all).")
   if config.rl.kl_coef < 0:
     raise ConfigError(f"config.rl.kl_coef={config.rl.kl_coef} must be >= 0 (0 disables the KL).")
+  _choice(config, "shared_weights_update", ("summed", "sequential"))
+  _choice(config, "rl.std_ddof", (0, 1))
+  if config.rl.kl_clamp < 0:
+    raise ConfigError(f"config.rl.kl_clamp={config.rl.kl_clamp} must be >= 0 (0 = no clamp).")
+  if config.rl.ppo_epochs < 1:
+    raise ConfigError(f"config.rl.ppo_epochs={config.rl.ppo_epochs} must be at least 1.")
+  mini, micro = config.rl.ppo_mini_batch_size, config.rl.micro_batch_size
+  if mini < 0 or mini % micro:
+    raise ConfigError(f"config.rl.ppo_mini_batch_size={mini} must be 0 (the whole batch) or a "
+                      f"multiple of config.rl.micro_batch_size={micro}.")
+  if config.rl.advantage_estimator == "gae":
+    if config.mesh.role_split:
+      raise ConfigError("config.rl.advantage_estimator='gae' trains one value model for both "
+                        "roles on one mesh; set config.mesh.role_split=False.")
+    for key in ("rl.critic_learning_rate", "rl.value_clip"):
+      if _get(config, key) <= 0:
+        raise ConfigError(f"config.{key}={_get(config, key)} must be > 0.")
+    for key in ("rl.gae_gamma", "rl.gae_lambda"):
+      if not 0 <= _get(config, key) <= 1:
+        raise ConfigError(f"config.{key}={_get(config, key)} must be in [0, 1].")
+  for key in ("rewards.proposer_min_margin", "rewards.solver_min_margin"):
+    if _get(config, key) < 0:
+      raise ConfigError(f"config.{key}={_get(config, key)} must be >= 0 (0 = off).")
+  check_task_options(config)
+  check_context_length(config)
+
+
+def check_task_options(config) -> None:
+  """Options that need something of the task: a question generator, or a vote to guard."""
+  from sqlm_jax.selfplay import make_task
+  task, _ = make_task(config)
+  if config.task.question_source == "fixed" and task.generate_question is None:
+    raise ConfigError(f"config.task.question_source='fixed' needs a question generator, which "
+                      f"task {task.name!r} does not have; use tiny_addition or arithmetic, or "
+                      "question_source='proposer'.")
+  if task.reward_kind != "vote":
+    for key in ("rewards.proposer_min_margin", "rewards.solver_min_margin"):
+      if _get(config, key):
+        raise ConfigError(f"config.{key}={_get(config, key)} guards a majority vote; task "
+                          f"{task.name!r} scores answers by tests, so set it to 0.")
+
+
+def check_context_length(config) -> None:
+  """Every sampled sequence must fit the model's context (config.json's max_position_embeddings).
+
+  The sampler's cache holds a prompt (rounded up to a power of two) plus the new tokens. The
+  proposer's prompt is measured; the solver's is its template with a question as long as
+  rollout.max_proposal_tokens (the longest a proposal can be, as the memory plan assumes);
+  evaluation's at least the template (its questions only add to it).
+  """
+  import json
+  with open(os.path.join(config.model.path, "config.json")) as f:
+    limit = json.load(f).get("max_position_embeddings")
+  if not limit:
+    return
+  from sqlm_jax.sampling import bucket
+  from sqlm_jax.selfplay import make_task
+  from sqlm_jax.tasks.base import Proposal
+  from sqlm_jax.tokenizer import encode_chat, load_tokenizer
+  tokenizer = load_tokenizer(config.model.path)
+  task, topic = make_task(config)
+  proposer = bucket(len(encode_chat(tokenizer, task.proposer_messages(topic))))
+  template = len(encode_chat(tokenizer, task.solver_messages(Proposal("?")))) - 1
+  solver = bucket(template + config.rollout.max_proposal_tokens)
+  template = bucket(template)
+  if proposer >= limit or template >= limit:
+    raise ConfigError(
+        f"The prompts alone ({max(proposer, template)} tokens, rounded up to a power of two) fill "
+        f"the model's context, max_position_embeddings={limit} in {config.model.path}/"
+        "config.json; use a model with a longer context (or a shorter config.task.topic).")
+  if solver >= limit:
+    raise ConfigError(
+        f"config.rollout.max_proposal_tokens={config.rollout.max_proposal_tokens}: a question "
+        f"that long makes the solver's prompt {solver} tokens, the whole of the model's context, "
+        f"max_position_embeddings={limit} in {config.model.path}/config.json; lower "
+        "config.rollout.max_proposal_tokens.")
+  needs = [("rollout.max_proposal_tokens", "the proposer's prompt", proposer,
+            config.rollout.max_proposal_tokens),
+           ("rollout.max_answer_tokens", "the solver's prompt with a question of "
+            "rollout.max_proposal_tokens tokens", solver, config.rollout.max_answer_tokens),
+           ("eval.max_new_tokens", "the evaluation prompt's template", template,
+            config.eval.max_new_tokens)]
+  for key, what, prompt, new in needs:
+    if prompt + new > limit:
+      raise ConfigError(
+          f"config.{key}={new} plus {what} ({prompt} tokens, rounded up to a power of two) is "
+          f"{prompt + new}, more than the model's context, max_position_embeddings={limit} in "
+          f"{config.model.path}/config.json; lower config.{key} to at most {limit - prompt}.")
 
 
 def _get(config, dotted: str):

@@ -1,7 +1,7 @@
 """Per-device memory of a run, computed before anything loads: `main --dry_run` and every run's start.
 
-Parameters, optimizer states and the frozen reference are measured exactly from their shapes
-(`jax.eval_shape`) and shardings; the KV cache from the rollout sizes (the larger of the
+Parameters and optimizer states (the value model's too, with rl.advantage_estimator="gae") and
+the frozen reference are measured exactly from their shapes (`jax.eval_shape`) and shardings; the KV cache from the rollout sizes (the larger of the
 proposer's and the solver's sampling); a training micro-batch's activations from the compiled
 gradient function's own memory analysis where the backend reports it (else an estimate,
 marked as such). Only the checkpoint's config.json and tokenizer are read.
@@ -125,6 +125,18 @@ def memory_plan(config, model_config, layouts: dict, tokenizer, task,
     opt_shapes = jax.eval_shape(optimizer.init, shapes)
     opt_shardings = sharding.like_params(optimizer, shardings, opt_shapes, layout.replicated)
     totals["params"] += sharding.bytes_per_device(shapes, shardings)
+    totals["optimizer"] += sharding.bytes_per_device(opt_shapes, opt_shardings)
+  if config.rl.advantage_estimator == "gae":  # The value model, on the solver's devices.
+    from sqlm_jax import critic
+    layout = layouts["solver"]
+    totals = per_layout.setdefault(id(layout), dict.fromkeys(KEYS, 0))
+    critic_shapes = jax.eval_shape(lambda p: critic.init(p, model_config), shapes)
+    critic_shardings = critic.param_shardings(layout, model_config)
+    critic_optimizer = rl.make_optimizer(rl.critic_config(config.rl))
+    opt_shapes = jax.eval_shape(critic_optimizer.init, critic_shapes)
+    opt_shardings = sharding.like_params(critic_optimizer, critic_shardings, opt_shapes,
+                                         layout.replicated)
+    totals["params"] += sharding.bytes_per_device(critic_shapes, critic_shardings)
     totals["optimizer"] += sharding.bytes_per_device(opt_shapes, opt_shardings)
   for role in ("solver", "proposer"):
     layout = layouts[role]

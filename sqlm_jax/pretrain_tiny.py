@@ -113,7 +113,7 @@ def make_document(rng: random.Random, spec: CorpusSpec, excluded: frozenset,
   same_size = rng.random() < spec.same_size_fraction
   while True:
     a, b = _operands(rng, digits, same_size)
-    if (a, b) not in excluded:
+    if (a, b) not in excluded and (b, a) not in excluded:  # b + a is the same held-out sum.
       return (tiny_addition.format_question(a, b) + tiny_addition.ANSWER_MARKER
               + tiny_addition.format_answer(a + b))
 

@@ -29,21 +29,27 @@ SOLVER_REWARDS = ("majority", "random")
 INVALID_ID = -1
 
 
-def majority_vote(answer_ids):
+def majority_vote(answer_ids, invalid_votes=False):
   """Most frequent valid answer per question.
 
   Args:
-    answer_ids: int [Q, N]; ids >= 0 are answers, -1 (any negative id) is an invalid answer,
-      which never votes and never wins.
+    answer_ids: int [Q, N]; ids >= 0 are answers, -1 (any negative id) is an invalid answer
+      (no parseable answer, e.g. the solver ran out of tokens).
+    invalid_votes: False (ours): an invalid answer never votes and never wins. True (the
+      reference): the invalid answers are one more candidate, "None"; when None has more
+      votes than every answer, or ties with the best and was sampled first (the reference's
+      Counter.most_common), None wins, and a question won by None has no majority: nobody is
+      rewarded and k = 0. For [None, None, a, a]: None wins (k = 0), where without the option
+      a wins with k = 2.
 
   Returns:
-    majority_id: int [Q], the winning id, -1 where no answer is valid.
-    k: int [Q], how many of the N answers equal the majority (0 where none is valid).
+    majority_id: int [Q], the winning id, -1 where no answer is valid (or None won).
+    k: int [Q], how many of the N answers equal the winning answer (0 where there is none).
     has_majority: bool [Q], k > 0.
 
-  Ties are broken towards the smallest id. If the host assigns ids in order of first
-  appearance within a question, that is the tied answer seen first. Use `majority_is_tied`
-  to treat ties as "no majority" instead.
+  Ties between answers are broken towards the smallest id. If the host assigns ids in order
+  of first appearance within a question, that is the tied answer seen first. Use
+  `majority_is_tied` to treat ties as "no majority" instead.
   """
   answer_ids = jnp.asarray(answer_ids)
   valid = answer_ids >= 0  # [Q, N]
@@ -52,17 +58,25 @@ def majority_vote(answer_ids):
   same = (answer_ids[:, :, None] == answer_ids[:, None, :]) & valid[:, :, None]  # [Q, N, N]
   votes = jnp.sum(same, axis=-1, dtype=jnp.int32)  # [Q, N], 0 for invalid answers
   k = jnp.max(votes, axis=-1)  # [Q]
-  has_majority = k > 0
   # Among the answers that reach k votes, the smallest id wins.
   at_max = (votes == k[:, None]) & valid  # [Q, N]
   big = jnp.iinfo(answer_ids.dtype).max
   majority_id = jnp.min(jnp.where(at_max, answer_ids, big), axis=-1)  # [Q]
+  if invalid_votes:
+    none_votes = jnp.sum(~valid, axis=-1, dtype=jnp.int32)  # [Q]
+    first_none = jnp.argmax(~valid, axis=-1)  # [Q]
+    first_winner = jnp.argmax(answer_ids == majority_id[:, None], axis=-1)  # [Q]
+    none_wins = (none_votes > 0) & ((none_votes > k) | ((none_votes == k) & (first_none <
+                                                                            first_winner)))
+    k = jnp.where(none_wins, 0, k)
+  has_majority = k > 0
   majority_id = jnp.where(has_majority, majority_id, INVALID_ID).astype(answer_ids.dtype)
   return majority_id, k, has_majority
 
 
-def majority_is_tied(answer_ids):
-  """bool [Q]: two or more distinct valid answers share the top vote count."""
+def majority_is_tied(answer_ids, invalid_votes=False):
+  """bool [Q]: two or more distinct candidates share the top vote count (with invalid_votes,
+  the invalid answers are one candidate)."""
   answer_ids = jnp.asarray(answer_ids)
   valid = answer_ids >= 0
   same = (answer_ids[:, :, None] == answer_ids[:, None, :]) & valid[:, :, None]
@@ -70,10 +84,50 @@ def majority_is_tied(answer_ids):
   k = jnp.max(votes, axis=-1)  # [Q]
   # Each answer id at the top appears exactly k times among the answers at the top.
   answers_at_max = jnp.sum((votes == k[:, None]) & valid, axis=-1)  # [Q]
-  return (k > 0) & (answers_at_max > k)
+  tied = (k > 0) & (answers_at_max > k)
+  if invalid_votes:
+    tied = tied | ((k > 0) & (jnp.sum(~valid, axis=-1) == k))
+  return tied
 
 
-def solver_reward(answer_ids, min_votes=1, break_ties=True):
+def vote_margin(answer_ids, invalid_votes=False):
+  """int [Q]: the majority's votes minus the runner-up candidate's (0 where there is no majority).
+
+  A label-free confidence of the vote: 0 for a tie, k for a lone answer among invalid ones
+  (with invalid_votes, the invalid answers are one candidate, None, that can be runner-up).
+  For [0, 0, 0, 1, 1, 2, -1, -1]: k = 3, runner-up 2 -> 1; with invalid_votes also 1.
+  """
+  answer_ids = jnp.asarray(answer_ids)
+  valid = answer_ids >= 0  # [Q, N]
+  same = (answer_ids[:, :, None] == answer_ids[:, None, :]) & valid[:, :, None]  # [Q, N, N]
+  votes = jnp.sum(same, axis=-1, dtype=jnp.int32)  # [Q, N]
+  majority_id, k, has_majority = majority_vote(answer_ids, invalid_votes)
+  others = valid & (answer_ids != majority_id[:, None])  # [Q, N]
+  runner_up = jnp.max(jnp.where(others, votes, 0), axis=-1)  # [Q]
+  if invalid_votes:
+    runner_up = jnp.maximum(runner_up, jnp.sum(~valid, axis=-1, dtype=jnp.int32))
+  return jnp.where(has_majority, k - runner_up, 0)
+
+
+def confident_majority(answer_ids, min_margin, invalid_votes=False):
+  """bool [Q]: the question has a majority that leads the runner-up by at least `min_margin`
+  votes (the guard against paying for, and training on, a low-confidence vote; see
+  README "Ablations"). min_margin=0 keeps every question that has a majority."""
+  return (vote_margin(answer_ids, invalid_votes) >= min_margin) & majority_vote(
+      answer_ids, invalid_votes)[2]
+
+
+def split_half_agreement(answer_ids):
+  """bool [Q]: the majority of the first N // 2 answers equals that of the last N // 2 (both
+  exist): the vote's stability across two independent rounds of half the size. For diagnostics."""
+  answer_ids = jnp.asarray(answer_ids)
+  half = answer_ids.shape[1] // 2
+  first, _, has_first = majority_vote(answer_ids[:, :half])
+  second, _, has_second = majority_vote(answer_ids[:, half:2 * half])
+  return has_first & has_second & (first == second)
+
+
+def solver_reward(answer_ids, min_votes=1, break_ties=True, invalid_votes=False):
   """float [Q, N]: 1.0 where the answer is valid and equals the question's majority answer.
 
   Args:
@@ -82,12 +136,13 @@ def solver_reward(answer_ids, min_votes=1, break_ties=True):
       2 stops an all-different group from rewarding one arbitrary answer.
     break_ties: if False, a question whose top vote count is shared rewards nobody, rather
       than rewarding the smallest tied id.
+    invalid_votes: the invalid answers vote as one candidate (see `majority_vote`).
   """
   answer_ids = jnp.asarray(answer_ids)
-  majority_id, k, has_majority = majority_vote(answer_ids)
+  majority_id, k, has_majority = majority_vote(answer_ids, invalid_votes)
   rewarded = has_majority & (k >= min_votes)  # [Q]
   if not break_ties:
-    rewarded = rewarded & ~majority_is_tied(answer_ids)
+    rewarded = rewarded & ~majority_is_tied(answer_ids, invalid_votes)
   agrees = (answer_ids == majority_id[:, None]) & (answer_ids >= 0)  # [Q, N]
   return (agrees & rewarded[:, None]).astype(jnp.float32)
 

@@ -32,7 +32,8 @@ import optax
 
 from sqlm_jax.models.transformer import positions_from_mask  # noqa: F401 (re-exported)
 
-ADVANTAGE_ESTIMATORS = ("grpo", "rloo", "drgrpo")
+ADVANTAGE_ESTIMATORS = ("grpo", "rloo", "drgrpo", "gae")
+GROUP_ESTIMATORS = ("grpo", "rloo", "drgrpo")  # Advantages from the group alone, no critic.
 KL_ESTIMATORS = ("k1", "k3", "low_var")
 LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 LR_SCHEDULES = ("constant", "cosine")
@@ -41,41 +42,70 @@ BATCH_KEYS = ("tokens", "attention_mask", "loss_mask", "old_logprobs", "advantag
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """RL hyper-parameters with the reference setup's values where it has one.
+  """RL hyper-parameters: the loss, the advantages, the optimizer and its schedule.
 
-  Any object with these attributes works in place of the ConfigDict; fields marked
-  (optional) fall back to the default shown here when absent.
+  "verl" below is the reference trainer's base file (a fork of verl, `ppo_trainer.yaml`, with
+  the paper's `exps/*.yaml` on top); a default marked "ours" differs from it, and
+  configs/arithmetic.py and configs/algebra.py set the reference's value instead. The
+  README's fidelity table lists every difference. Any object with these attributes works in
+  place of the ConfigDict; fields marked (optional) fall back to the default shown here.
+
+  The schedule rule: the learning rate is a function of the self-play step, not of the number
+  of optimizer steps. Every optimizer step taken during self-play step s (each PPO mini-batch
+  and epoch, either role, the critic's) uses lr(s); warmup_steps and total_steps count
+  self-play steps (configs set rl.total_steps to follow total_steps). So a role that skips
+  steps (proposer_update_every) or takes several mini-batch steps is on the same schedule as
+  every other, and a run's schedule does not depend on how many questions were valid. Without
+  a step (`make_update_fn`'s update called with step=None) the optimizer's own step count is used.
 
   Fields:
-    learning_rate: peak AdamW learning rate (the paper uses 1e-6 on 3B models).
+    learning_rate: peak AdamW learning rate of the policy (the paper: 1e-6 on 3B models).
     warmup_steps: linear warm-up length; step s uses lr * min(1, (s + 1) / warmup_steps),
-      so the first step already moves. 0 = no warm-up.
-    lr_schedule (optional): after warm-up, "constant" or "cosine" (decays to
+      so the first step already moves. 0 = no warm-up (verl: constant, no warm-up).
+    lr_schedule (optional): after warm-up, "constant" (verl) or "cosine" (decays to
       final_lr_ratio * learning_rate at total_steps).
     total_steps (optional): where the cosine schedule ends.
     final_lr_ratio (optional): cosine floor as a fraction of learning_rate.
     weight_decay: decoupled AdamW decay, applied to matrices only (leaves with ndim >= 2),
-      never to norms and biases.
-    b1, b2, adam_eps (optional): Adam moments and epsilon.
-    max_grad_norm: global-norm gradient clip; 0 disables it. The update reports the norm
-      before clipping.
+      never to norms and biases. Ours 0; verl 0.01 (on every parameter).
+    b1, b2, adam_eps (optional): Adam moments and epsilon (verl: 0.9, 0.999, 1e-8).
+    max_grad_norm: global-norm gradient clip; 0 disables it (verl: 1.0). The update reports
+      the norm before clipping.
     clip_eps_low, clip_eps_high: the PPO ratio is clipped to [1 - low, 1 + high]; a larger
       high side (DAPO's clip-higher) lets unlikely tokens with positive advantage grow.
-    kl_coef: weight of the KL penalty to the frozen reference; 0 disables it (no
-      ref_logprobs needed).
+      Ours 0.2 / 0.28; verl 0.2 / 0.2.
+    kl_coef: weight of the KL penalty (a loss term) to the frozen reference; 0 disables it
+      (no ref_logprobs needed). verl: 0.001 in the paper's math runs, none in its coding run.
     kl_estimator: "k1" (logp - ref) or "k3" / "low_var" (exp(ref - logp) - (ref - logp) - 1,
       unbiased and never negative).
-    loss_agg: how token losses become one number:
-      "token_mean": sum over every scored token / number of scored tokens in the batch
-        (long answers weigh more);
-      "seq_mean_token_mean": mean over each sequence's tokens, then over sequences (GRPO);
+    kl_clamp: the per-token KL estimate is clipped to [-kl_clamp, kl_clamp] (no gradient
+      outside); 0 = no clamp (ours). verl clamps its low-variance KL at 10.
+    loss_agg: how token losses become one number (per optimizer step, i.e. per mini-batch):
+      "token_mean": sum over every scored token / number of scored tokens (verl's
+        "token-mean"; long answers weigh more);
+      "seq_mean_token_mean": mean over each sequence's tokens, then over sequences (GRPO;
+        ours);
       "seq_mean_token_sum_norm": each sequence's token sum / max_completion_length, then mean
         over sequences (Dr.GRPO: no length bias).
     max_completion_length (optional): the constant for "seq_mean_token_sum_norm".
     temperature: sampling temperature; log-probs are taken of logits / temperature so that
       they match the sampler's.
-    advantage_estimator: "grpo", "rloo" or "drgrpo" (see `group_advantages`).
-    advantage_eps (optional): added to the group std in "grpo".
+    advantage_estimator: "grpo", "rloo", "drgrpo" (see `group_advantages`) or "gae" (PPO
+      with a learned value model, see `gae_advantages`; verl's coding run).
+    advantage_eps (optional): added to the group std in "grpo" (verl: 1e-6).
+    std_ddof: the group std's delta degrees of freedom in "grpo": 0 = population std (ours),
+      1 = unbiased (verl's torch.std).
+    ppo_mini_batch_size: sequences per optimizer step; a role's batch of R sequences is cut
+      into ceil(R / size) mini-batches of consecutive rows (a question's answers stay
+      together), each one optimizer step. 0 = the whole batch in one step (ours). verl's
+      small-batch setting: 32 prompts x n = 4 = 128. Must be a multiple of micro_batch_size.
+    ppo_epochs: passes over the mini-batches per update (verl: 1); old log-probs (and, with
+      "gae", old values and advantages) are computed once, before the first.
+    critic_learning_rate: "gae" only: the value model's peak learning rate (verl's coding
+      run: 1e-5), on the same schedule shape as the policy's.
+    gae_gamma, gae_lambda: "gae" only: discount and GAE lambda (verl: 1.0, 1.0).
+    value_clip: "gae" only: new values are clipped to old +- value_clip in the value loss
+      (verl's cliprange_value, 0.5).
   """
   return ml_collections.ConfigDict(dict(
       learning_rate=1e-6,
@@ -92,17 +122,26 @@ def default_config() -> ml_collections.ConfigDict:
       clip_eps_high=0.28,
       kl_coef=0.0,
       kl_estimator="low_var",
+      kl_clamp=0.0,
       loss_agg="seq_mean_token_mean",
       max_completion_length=1024,
       temperature=1.0,
       advantage_estimator="grpo",
       advantage_eps=1e-6,
+      std_ddof=0,
+      ppo_mini_batch_size=0,
+      ppo_epochs=1,
+      critic_learning_rate=1e-5,
+      gae_gamma=1.0,
+      gae_lambda=1.0,
+      value_clip=0.5,
   ))
 
 
 _OPTIONAL_DEFAULTS = dict(lr_schedule="constant", total_steps=None, final_lr_ratio=0.0,
                           b1=0.9, b2=0.999, adam_eps=1e-8, max_completion_length=None,
-                          advantage_eps=1e-6)
+                          advantage_eps=1e-6, std_ddof=0, kl_clamp=0.0, ppo_mini_batch_size=0,
+                          ppo_epochs=1, value_clip=0.5)
 
 
 def _field(cfg, name):
@@ -128,32 +167,36 @@ def _choice(cfg, name, choices):
 # Advantages
 
 
-def group_advantages(rewards, estimator="grpo", eps=1e-6, mask=None):
+def group_advantages(rewards, estimator="grpo", eps=1e-6, mask=None, ddof=0):
   """float [G, M]: sequence advantages from the rewards of G groups of M samples each.
 
   A group is the M answers to one question (solver) or the proposals from one prompt
   (proposer). Estimators:
-    "grpo":   (r - mean) / (std + eps), std over the group (population std, ddof = 0).
+    "grpo":   (r - mean) / (std + eps), std over the group with `ddof` (0: population std;
+              1: unbiased, verl's torch.std).
     "rloo":   r - mean of the other members (leave-one-out baseline).
     "drgrpo": r - mean (Dr.GRPO: no std division, so easy and hard groups weigh the same).
   mask: bool [G, M], False for invalid members: left out of the group's statistics and given
     advantage 0. A group whose valid rewards are all equal, or that has fewer than two valid
-    members, carries no signal and gets exactly 0.
+    members, carries no signal and gets exactly 0. That includes a singleton group (a topic
+    prompt with one valid proposal): verl gives it (r - 0) / (1 + eps) = r, a push towards
+    whatever that lone proposal was, with no baseline; we give it 0 on purpose.
   """
   rewards = jnp.asarray(rewards, jnp.float32)
   if rewards.ndim != 2:
     raise ValueError(f"rewards must be [groups, members], got shape {rewards.shape}.")
-  if estimator not in ADVANTAGE_ESTIMATORS:
+  if estimator not in GROUP_ESTIMATORS:
     raise ValueError(
-        f"Unknown advantage estimator {estimator!r}; choose one of "
-        f"{', '.join(ADVANTAGE_ESTIMATORS)}.")
+        f"Unknown group advantage estimator {estimator!r}; choose one of "
+        f"{', '.join(GROUP_ESTIMATORS)} (\"gae\" needs a value model: see `gae_advantages`).")
   mask = jnp.ones(rewards.shape, bool) if mask is None else jnp.asarray(mask, bool)
   m = mask.astype(jnp.float32)
   count = jnp.sum(m, axis=-1, keepdims=True)  # [G, 1]
   total = jnp.sum(rewards * m, axis=-1, keepdims=True)  # [G, 1]
   mean = total / jnp.maximum(count, 1.0)
   if estimator == "grpo":
-    var = jnp.sum(m * jnp.square(rewards - mean), axis=-1, keepdims=True) / jnp.maximum(count, 1)
+    var = (jnp.sum(m * jnp.square(rewards - mean), axis=-1, keepdims=True)
+           / jnp.maximum(count - ddof, 1.0))
     adv = (rewards - mean) / (jnp.sqrt(var) + eps)
   elif estimator == "rloo":
     adv = rewards - (total - rewards) / jnp.maximum(count - 1.0, 1.0)
@@ -165,6 +208,59 @@ def group_advantages(rewards, estimator="grpo", eps=1e-6, mask=None):
   lo = jnp.min(jnp.where(mask, rewards, jnp.inf), axis=-1, keepdims=True)
   informative = (count > 1) & (hi > lo)  # [G, 1]
   return jnp.where(mask & informative, adv, 0.0)
+
+
+def last_token_rewards(rewards, loss_mask):
+  """float [B, T]: each sequence's scalar reward [B] on its last scored token, 0 elsewhere.
+
+  An outcome reward as a per-token reward, where GAE expects it (verl puts it there too).
+  """
+  loss_mask = jnp.asarray(loss_mask, jnp.float32)
+  t = loss_mask.shape[1]
+  last = t - 1 - jnp.argmax(loss_mask[:, ::-1] > 0, axis=-1)  # [B]
+  at_last = (jnp.arange(t)[None, :] == last[:, None]) & (loss_mask > 0)  # [B, T]
+  return jnp.where(at_last, jnp.asarray(rewards, jnp.float32)[:, None], 0.0)
+
+
+def gae_advantages(token_rewards, values, mask, gamma=1.0, lam=1.0, whiten=True):
+  """(advantages, returns), float [B, T]: generalised advantage estimation over completions.
+
+  Args:
+    token_rewards: [B, T], the reward of each scored token (see `last_token_rewards`).
+    values: [B, T], the value model's estimate before each scored token, target-aligned
+      (entry t is the value of the prefix tokens[:, :t]).
+    mask: [B, T], 1 on scored tokens (completion tokens of live sequences); other tokens are
+      skipped: they carry neither a TD error nor a value to bootstrap from.
+  Returns:
+    advantages: A_t = sum_l (gamma lam)^l delta_{t+l} over the scored tokens that follow,
+      delta_t = r_t + gamma V_{t+1} - V_t (V after the last scored token is 0); whitened over
+      the batch's scored tokens (mean 0, unbiased std 1, as verl does) unless whiten=False.
+      0 on unscored tokens.
+    returns: A_t + V_t before whitening: the value model's regression targets.
+  """
+  token_rewards = jnp.asarray(token_rewards, jnp.float32)
+  values = jnp.asarray(values, jnp.float32)
+  mask = jnp.asarray(mask, jnp.float32)
+
+  def back(carry, xs):  # One token, from the last to the first.
+    next_value, next_adv = carry
+    r, v, m = xs  # [B]
+    adv = r + gamma * next_value - v + gamma * lam * next_adv
+    next_value = m * v + (1 - m) * next_value
+    next_adv = m * adv + (1 - m) * next_adv
+    return (next_value, next_adv), next_adv
+
+  zeros = jnp.zeros(values.shape[:1], jnp.float32)
+  xs = tuple(jnp.swapaxes(x, 0, 1)[::-1] for x in (token_rewards, values, mask))  # [T, B]
+  _, adv = jax.lax.scan(back, (zeros, zeros), xs)
+  adv = jnp.swapaxes(adv[::-1], 0, 1)  # [B, T]
+  returns = (adv + values) * mask
+  if whiten:
+    count = jnp.maximum(jnp.sum(mask), 2.0)
+    mean = jnp.sum(adv * mask) / count
+    var = jnp.sum(mask * jnp.square(adv - mean)) / (count - 1.0)
+    adv = (adv - mean) * jax.lax.rsqrt(var + 1e-8)
+  return adv * mask, returns
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,23 +298,18 @@ def _merge_sums(a, b):
   return merged
 
 
-def _empty_sums():
-  sums = {key: jnp.zeros((), jnp.float32) for key in (
-      "tokens", "sequences", "clip_low", "clip_high", "ratio", "approx_kl_old", "pg_loss",
-      "kl", "entropy", "logprob")}
-  sums["ratio_max"] = jnp.array(-jnp.inf, jnp.float32)
-  sums["ratio_min"] = jnp.array(jnp.inf, jnp.float32)
-  return sums
+def _empty_sums(like):
+  """Zero statistics with the keys of `like` (max / min keys start at -inf / inf)."""
+  start = {"_max": -jnp.inf, "_min": jnp.inf}
+  return {key: jnp.array(next((v for suffix, v in start.items() if key.endswith(suffix)), 0.0),
+                         jnp.float32) for key in like}
 
 
 def _finish_metrics(sums):
-  """Token means from summed statistics (one micro-batch or many)."""
+  """Token means from summed statistics (one micro-batch or many); counts and extremes as is."""
   tokens = jnp.maximum(sums["tokens"], 1.0)
-  metrics = {key: sums[key] / tokens for key in (
-      "clip_low", "clip_high", "ratio", "approx_kl_old", "pg_loss", "kl", "entropy", "logprob")}
-  metrics.update(ratio_max=sums["ratio_max"], ratio_min=sums["ratio_min"],
-                 tokens=sums["tokens"], sequences=sums["sequences"])
-  return metrics
+  return {key: value if key in ("tokens", "sequences") or key.endswith(tuple(_MERGE))
+          else value / tokens for key, value in sums.items()}
 
 
 def loss_normaliser(loss_mask, sample_weight, loss_agg):
@@ -262,7 +353,10 @@ def _policy_sums(logprobs, old_logprobs, advantages, loss_mask, sample_weight, c
   log_ratio = jnp.where(scored, logprobs - old_logprobs, 0.0)  # [B, T]
   log_ratio = jnp.clip(log_ratio, -_MAX_LOG_RATIO, _MAX_LOG_RATIO)
   ratio = jnp.exp(log_ratio)
-  adv = jnp.where(live, advantages, 0.0).astype(jnp.float32)[:, None]  # [B, 1]
+  advantages = jnp.asarray(advantages, jnp.float32)
+  if advantages.ndim == 1:  # One advantage per sequence, or (GAE) one per token.
+    advantages = advantages[:, None]
+  adv = jnp.where(live[:, None], advantages, 0.0)  # [B, 1] or [B, T]
   clipped = jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high)
   pg = jnp.maximum(-adv * ratio, -adv * clipped)  # [B, T], pessimistic
   per_token = pg
@@ -274,6 +368,9 @@ def _policy_sums(logprobs, old_logprobs, advantages, loss_mask, sample_weight, c
       kl = -ref_minus
     else:
       kl = jnp.exp(ref_minus) - ref_minus - 1.0
+    kl_clamp = float(_field(cfg, "kl_clamp"))
+    if kl_clamp > 0:
+      kl = jnp.clip(kl, -kl_clamp, kl_clamp)
     if kl_coef != 0:
       per_token = per_token + kl_coef * kl
 
@@ -321,7 +418,8 @@ def policy_loss(logprobs, old_logprobs, advantages, loss_mask, sample_weight, cf
 
   Args:
     logprobs, old_logprobs, loss_mask, ref_logprobs, entropy: [B, T], target-aligned.
-    advantages, sample_weight: [B].
+    advantages: [B] (one per sequence) or [B, T] (one per token, GAE).
+    sample_weight: [B].
     entropy: optional, only reported.
     normaliser: the loss denominator; default `loss_normaliser` of this batch. A
       micro-batch passes the whole batch's, so that micro-batch losses sum to the batch loss.
@@ -342,22 +440,56 @@ def policy_loss(logprobs, old_logprobs, advantages, loss_mask, sample_weight, cf
   return loss, metrics
 
 
+def _value_sums(values, old_values, returns, loss_mask, sample_weight, cfg):
+  """Un-normalised clipped value loss (token sums) and metric sums, as verl's critic.
+
+  Per scored token: 0.5 * max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2), c = value_clip:
+  the value cannot gain by moving further than c from where it was at sampling time.
+  """
+  clip = float(_field(cfg, "value_clip"))
+  weight = jnp.asarray(loss_mask, jnp.float32) * jnp.asarray(sample_weight, jnp.float32)[:, None]
+  scored = weight != 0
+  values = values.astype(jnp.float32)
+  clipped = jnp.clip(values, old_values - clip, old_values + clip)
+  plain_loss, clipped_loss = jnp.square(values - returns), jnp.square(clipped - returns)
+  per_token = 0.5 * jnp.maximum(plain_loss, clipped_loss)
+
+  def tsum(x):
+    return jnp.sum(jnp.where(scored, x, 0.0))
+
+  sums = dict(tokens=jnp.sum(scored, dtype=jnp.float32),
+              sequences=jnp.sum(sample_weight != 0, dtype=jnp.float32),
+              value_loss=tsum(per_token), value_clip_frac=tsum(clipped_loss > plain_loss),
+              value=tsum(values), value_error=tsum(jnp.abs(values - returns)))
+  sums = jax.tree.map(lambda x: jax.lax.stop_gradient(x.astype(jnp.float32)), sums)
+  return jnp.sum(weight * per_token), sums
+
+
 # ---------------------------------------------------------------------------------------------
 # Train step
 
 
-def _check_batch(batch, cfg, micro_batch_size):
-  missing = [key for key in BATCH_KEYS if key not in batch]
+VALUE_BATCH_KEYS = ("tokens", "attention_mask", "loss_mask", "old_values", "returns",
+                    "sample_weight")
+OBJECTIVES = ("policy", "value")
+
+
+def _check_batch(batch, cfg, micro_batch_size, objective="policy"):
+  keys = BATCH_KEYS if objective == "policy" else VALUE_BATCH_KEYS
+  missing = [key for key in keys if key not in batch]
   if missing:
-    raise KeyError(f"RL batch is missing {missing}; it needs {list(BATCH_KEYS)} "
-                   "(and ref_logprobs when kl_coef > 0).")
-  if float(_field(cfg, "kl_coef")) != 0 and "ref_logprobs" not in batch:
+    raise KeyError(f"RL batch is missing {missing}; it needs {list(keys)}"
+                   + (" (and ref_logprobs when kl_coef > 0)." if objective == "policy" else "."))
+  if (objective == "policy" and float(_field(cfg, "kl_coef")) != 0
+      and "ref_logprobs" not in batch):
     raise KeyError(f"kl_coef={_field(cfg, 'kl_coef')} needs batch['ref_logprobs']; add them, or "
                    "set kl_coef=0.")
   b, t = batch["tokens"].shape
   for key, value in batch.items():
-    want = (b,) if key in ("advantages", "sample_weight") else (b, t)
-    if key not in BATCH_KEYS + ("ref_logprobs",):
+    want = (b,) if key == "sample_weight" else (b, t)
+    if key == "advantages" and value.ndim == 1:
+      want = (b,)
+    if key not in keys + ("ref_logprobs",):
       want = (b,) + value.shape[1:]  # extra keys ride along, split like the rest
     if value.shape != want:
       raise ValueError(f"batch[{key!r}] has shape {value.shape}; expected {want} to match "
@@ -379,9 +511,13 @@ def _split_micro(x, micro_batch_size):
   return jnp.swapaxes(x.reshape((micro_batch_size, n_micro) + x.shape[1:]), 0, 1)
 
 
-def make_grad_fn(apply_fn, cfg, micro_batch_size, layout=None):
+def make_grad_fn(apply_fn, cfg, micro_batch_size, layout=None, objective="policy"):
   """(params, batch) -> (grads, metrics): the batch-loss gradient, accumulated over micro-batches.
 
+  objective "policy": `policy_loss`, apply_fn gives logits [B, T, V]. "value": the value
+  model's clipped loss (`_value_sums`, always a token mean), apply_fn gives one value per
+  position [B, T] (the value after reading that token); the batch holds old_values and returns
+  instead of log-probs and advantages (VALUE_BATCH_KEYS).
   Peak memory is that of one micro-batch's forward and backward (logits [m, T, V]); the
   result equals the full-batch gradient for every loss_agg, because each micro-batch loss
   is divided by the whole batch's `loss_normaliser`. Gradients accumulate in float32 and
@@ -390,28 +526,37 @@ def make_grad_fn(apply_fn, cfg, micro_batch_size, layout=None):
   """
   if micro_batch_size < 1:
     raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}.")
+  if objective not in OBJECTIVES:
+    raise ValueError(f"objective={objective!r} is not one of {', '.join(OBJECTIVES)}.")
   temperature = float(_field(cfg, "temperature"))
   if temperature <= 0:
     raise ValueError(f"temperature must be > 0 for log-probs, got {temperature}.")
-  loss_agg = _choice(cfg, "loss_agg", LOSS_AGGREGATIONS)
+  loss_agg = _choice(cfg, "loss_agg", LOSS_AGGREGATIONS) if objective == "policy" else "token_mean"
 
   def micro_loss(params, mb, normaliser):
     if layout is not None:
       mb = {k: layout.constrain(v, ("batch",) + (None,) * (v.ndim - 1)) for k, v in mb.items()}
     positions = positions_from_mask(mb["attention_mask"])
-    logits = apply_fn(params, mb["tokens"], positions, mb["attention_mask"])  # [m, T, V]
-    logprobs, entropy = token_logprobs(logits, mb["tokens"], temperature)
-    objective, sums = _policy_sums(
+    out = apply_fn(params, mb["tokens"], positions, mb["attention_mask"])
+    if objective == "value":  # Target-aligned: the value before token t is read at t - 1.
+      values = jnp.pad(out[:, :-1], ((0, 0), (1, 0)))  # [m, T]
+      objective_sum, sums = _value_sums(values, mb["old_values"], mb["returns"],
+                                        mb["loss_mask"], mb["sample_weight"], cfg)
+      return objective_sum / normaliser, sums
+    logprobs, entropy = token_logprobs(out, mb["tokens"], temperature)  # out: logits [m, T, V]
+    objective_sum, sums = _policy_sums(
         logprobs, mb["old_logprobs"], mb["advantages"], mb["loss_mask"], mb["sample_weight"],
         cfg, mb.get("ref_logprobs"), jax.lax.stop_gradient(entropy))
-    return objective / normaliser, sums
+    return objective_sum / normaliser, sums
 
   grad_micro = jax.value_and_grad(micro_loss, has_aux=True)
 
   def grad_fn(params, batch):
-    _check_batch(batch, cfg, micro_batch_size)
+    _check_batch(batch, cfg, micro_batch_size, objective)
     normaliser = loss_normaliser(batch["loss_mask"], batch["sample_weight"], loss_agg)
     micro = jax.tree.map(lambda x: _split_micro(x, micro_batch_size), batch)
+    like = jax.eval_shape(grad_micro, params, jax.tree.map(lambda x: x[0], micro),
+                          normaliser)[0][1]
 
     def accumulate(carry, mb):
       grads, loss, sums = carry
@@ -420,7 +565,7 @@ def make_grad_fn(apply_fn, cfg, micro_batch_size, layout=None):
       return (grads, loss + mb_loss, _merge_sums(sums, mb_sums)), None
 
     init = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
-            jnp.zeros((), jnp.float32), _empty_sums())
+            jnp.zeros((), jnp.float32), _empty_sums(like))
     (grads, loss, sums), _ = jax.lax.scan(accumulate, init, micro)
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
     metrics = _finish_metrics(sums)
@@ -431,26 +576,34 @@ def make_grad_fn(apply_fn, cfg, micro_batch_size, layout=None):
 
 
 def make_update_fn(apply_fn, optimizer, cfg, micro_batch_size, layout=None,
-                   param_shardings=None, opt_shardings=None):
-  """Jitted `update(params, opt_state, batches) -> (params, opt_state, metrics)`: the one update.
+                   param_shardings=None, opt_shardings=None, objective="policy"):
+  """Jitted `update(params, opt_state, batches, step=None) -> (params, opt_state, metrics)`.
 
+  The one update, for the policy and (objective="value") the value model: one optimizer step.
   `batches` is one batch or a tuple of batches (one per role when proposer and solver share
-  weights): one optimizer step on the sum of their losses' gradients, each accumulated over
-  micro-batches (see `make_grad_fn`); metrics is a dict, or a tuple of dicts, with grad_norm
-  (the global norm of the summed gradient, before clipping) added to those of `policy_loss`.
-  params and opt_state are donated, so the update holds one copy of each: do not reuse the
-  arrays passed in. With shardings, they are the explicit in/out shardings of both (the
-  parameters' and optimizer state's layouts never change); batches keep the layout they come
-  with (`Layout.put_batch`). B must be divisible by micro_batch_size.
+  weights and their gradients are summed): one step on the sum of their losses' gradients,
+  each accumulated over micro-batches (see `make_grad_fn`); metrics is a dict, or a tuple of
+  dicts, with grad_norm (the global norm of the summed gradient, before clipping) and
+  learning_rate added to those of the loss. `optimizer` comes from `make_optimizer(cfg)`; the
+  step's learning rate is `make_lr_schedule(cfg)(step)`, step being the self-play step (see
+  `default_config`), or the optimizer's own count when step is None. PPO mini-batches and
+  epochs are repeated calls (`mini_batches`). params and opt_state are donated, so the update
+  holds one copy of each: do not reuse the arrays passed in. With shardings, they are the
+  explicit in/out shardings of both (the parameters' and optimizer state's layouts never
+  change); batches keep the layout they come with (`Layout.put_batch`). B must be divisible
+  by micro_batch_size.
   """
-  grad_fn = make_grad_fn(apply_fn, cfg, micro_batch_size, layout)
+  grad_fn = make_grad_fn(apply_fn, cfg, micro_batch_size, layout, objective)
+  schedule = make_lr_schedule(cfg)
 
-  def update(params, opt_state, batches):
+  def update(params, opt_state, batches, step=None):
     single = isinstance(batches, dict)
     results = [grad_fn(params, batch) for batch in ((batches,) if single else batches)]
     grads = jax.tree.map(lambda *g: sum(g[1:], g[0]), *[g for g, _ in results])
     grad_norm = optax.tree.norm(grads)
-    metrics = tuple(dict(m, grad_norm=grad_norm) for _, m in results)
+    lr = schedule(opt_state.count if step is None else step)
+    opt_state = opt_state._replace(hyperparams=dict(opt_state.hyperparams, learning_rate=lr))
+    metrics = tuple(dict(m, grad_norm=grad_norm, learning_rate=lr) for _, m in results)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     return params, opt_state, metrics[0] if single else metrics
@@ -458,8 +611,23 @@ def make_update_fn(apply_fn, optimizer, cfg, micro_batch_size, layout=None,
   if param_shardings is None:
     return jax.jit(update, donate_argnums=(0, 1))
   return jax.jit(update, donate_argnums=(0, 1),
-                 in_shardings=(param_shardings, opt_shardings, None),
+                 in_shardings=(param_shardings, opt_shardings, None, None),
                  out_shardings=(param_shardings, opt_shardings, None))
+
+
+def mini_batches(batch, rows, size):
+  """A batch's PPO mini-batches: `size` consecutive rows each (0 = the whole batch in one).
+
+  rows: how many leading rows are real (the rest is padding with sample_weight 0). The
+  real rows make ceil(rows / size) mini-batches; the last one also takes the padding, so
+  each mini-batch's row count stays a multiple of the micro-batch when `size` and the
+  padded batch are. Slicing keeps every array on its devices.
+  """
+  total = batch["tokens"].shape[0]
+  if size <= 0 or rows <= size:
+    return [batch]
+  cuts = [i * size for i in range(-(-rows // size))] + [total]
+  return [jax.tree.map(lambda x, a=a, b=b: x[a:b], batch) for a, b in zip(cuts, cuts[1:])]
 
 
 def make_logprob_fn(apply_fn, temperature, micro_batch_size, param_shardings=None):
@@ -492,12 +660,35 @@ def make_logprob_fn(apply_fn, temperature, micro_batch_size, param_shardings=Non
   return jax.jit(logprob_fn, in_shardings=(param_shardings, None, None))
 
 
+def make_value_fn(apply_fn, micro_batch_size, param_shardings=None):
+  """Jitted `(params, tokens, attention_mask) -> values [B, T]`, target-aligned like log-probs:
+  entry t is the value model's estimate before tokens[:, t] (read at position t - 1); entry 0
+  is 0. apply_fn gives one value per position (see sqlm_jax/critic.py). For GAE's old values."""
+
+  def value_fn(params, tokens, attention_mask):
+    b = tokens.shape[0]
+    if b % micro_batch_size:
+      raise ValueError(f"Batch size {b} is not divisible by micro_batch_size={micro_batch_size}.")
+    micro = (_split_micro(tokens, micro_batch_size), _split_micro(attention_mask, micro_batch_size))
+    out = jax.lax.map(lambda xs: apply_fn(params, xs[0], positions_from_mask(xs[1]), xs[1]),
+                      micro)  # [B/m, m, T]
+    out = jnp.swapaxes(out, 0, 1).reshape(tokens.shape).astype(jnp.float32)
+    return jnp.pad(out[:, :-1], ((0, 0), (1, 0)))
+
+  if param_shardings is None:
+    return jax.jit(value_fn)
+  return jax.jit(value_fn, in_shardings=(param_shardings, None, None))
+
+
 # ---------------------------------------------------------------------------------------------
 # Optimizer
 
 
 def make_lr_schedule(cfg):
-  """step -> learning rate: linear warm-up, then constant or cosine (see `default_config`)."""
+  """step -> learning rate: linear warm-up, then constant or cosine (see `default_config`).
+
+  step is the self-play step (or, without one, the optimizer's step count).
+  """
   lr = float(_field(cfg, "learning_rate"))
   warmup = int(_field(cfg, "warmup_steps"))
   schedule = _choice(cfg, "lr_schedule", LR_SCHEDULES)
@@ -519,11 +710,24 @@ def make_lr_schedule(cfg):
 
 
 def make_optimizer(cfg):
-  """optax AdamW with the schedule of `make_lr_schedule` and global-norm clipping first."""
+  """optax AdamW, global-norm clipping first, with the learning rate as an injected
+  hyper-parameter that `make_update_fn`'s update sets from the schedule at every step."""
   max_norm = _field(cfg, "max_grad_norm")
-  clip = optax.clip_by_global_norm(float(max_norm)) if max_norm else optax.identity()
-  adamw = optax.adamw(
-      make_lr_schedule(cfg), b1=float(_field(cfg, "b1")), b2=float(_field(cfg, "b2")),
-      eps=float(_field(cfg, "adam_eps")), weight_decay=float(_field(cfg, "weight_decay")),
-      mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params))
-  return optax.chain(clip, adamw)
+
+  def adamw(learning_rate):
+    clip = optax.clip_by_global_norm(float(max_norm)) if max_norm else optax.identity()
+    return optax.chain(clip, optax.adamw(
+        learning_rate, b1=float(_field(cfg, "b1")), b2=float(_field(cfg, "b2")),
+        eps=float(_field(cfg, "adam_eps")), weight_decay=float(_field(cfg, "weight_decay")),
+        mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)))
+
+  return optax.inject_hyperparams(adamw)(learning_rate=float(_field(cfg, "learning_rate")))
+
+
+def critic_config(cfg) -> ml_collections.ConfigDict:
+  """The value model's optimizer settings: the policy's, at critic_learning_rate."""
+  names = ("learning_rate", "warmup_steps", "lr_schedule", "total_steps", "final_lr_ratio",
+           "weight_decay", "b1", "b2", "adam_eps", "max_grad_norm", "temperature", "value_clip")
+  values = {name: _field(cfg, name) for name in names}
+  values["learning_rate"] = float(_field(cfg, "critic_learning_rate"))
+  return ml_collections.ConfigDict(values)

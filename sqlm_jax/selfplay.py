@@ -5,7 +5,8 @@ One step, top to bottom (see `train_step`):
   2. parse    proposals -> questions; unparseable ones are masked out of both roles' losses
   3. solve    sample N answers per question (one shared prefill per question)
   4. score    answers -> ids -> majority vote (or test pass rates for code) -> rewards [Q, N], [Q]
-  5. update   the solver every step, the proposer every `proposer_update_every` steps
+  5. update   the solver every step, the proposer every `proposer_update_every` steps, each in
+              PPO mini-batches (and, with rl.advantage_estimator="gae", the value model)
   6. log      metrics.jsonl, TensorBoard, samples.jsonl; evaluate every `eval.every` steps
 """
 
@@ -15,6 +16,7 @@ import dataclasses
 import functools
 import json
 import os
+import random
 import time
 from typing import Any, Optional
 
@@ -22,8 +24,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from sqlm_jax import (checkpoints, diversity, evaluation, memory_plan, metrics as metrics_lib,
-                      rewards, rl, sharding)
+from sqlm_jax import (checkpoints, critic, diversity, evaluation, memory_plan,
+                      metrics as metrics_lib, rewards, rl, sharding)
 from sqlm_jax.models import ModelConfig, forward, load_pretrained, read_config
 from sqlm_jax.sampling import SampleOutput, Sampler, bucket
 from sqlm_jax.tasks import get_task
@@ -40,7 +42,8 @@ class RunState:
 
   `arrays()` is the device pytree (params and optimizer states, saved sharded) and `host()`
   the plain data; with shared weights, params/opt_state hold a single "policy" entry used by
-  both roles. The frozen KL reference is not part of it: it is always the starting weights,
+  both roles; with rl.advantage_estimator="gae" they also hold the value model's, "critic"
+  (sqlm_jax/critic.py). The frozen KL reference is not part of it: it is always the starting weights,
   reloaded from model.path by `setup`.
   """
 
@@ -69,7 +72,7 @@ class Setup:
 
   Dicts keyed by role ("proposer", "solver") hold each role's layout and sampler (the same
   objects when the roles share the mesh); dicts keyed by parameter set ("policy" with shared
-  weights, else the roles) hold the donated update functions.
+  weights, else the roles, and "critic") hold the donated update functions.
   """
 
   config: ml_collections.ConfigDict
@@ -84,6 +87,7 @@ class Setup:
   ref_logprob_fns: dict[str, Any]  # Empty without a KL term.
   ref_params: dict[str, Any]  # The frozen starting weights, one copy per distinct layout.
   old_logprob_fns: dict[str, Any]  # Set when sampling log-probs are not the policy's.
+  value_fn: Optional[Any]  # The critic's old values, with rl.advantage_estimator="gae".
   heldout: list[dict]
   memory_plan: dict
   sandbox_pool: Optional[Any] = None
@@ -91,6 +95,19 @@ class Setup:
 
 def role_key(config, role: str) -> str:
   return "policy" if config.shared_weights else role
+
+
+def recomputes_old_logprobs(config) -> bool:
+  """Whether old log-probs come from the trainer's forward pass rather than the sampler's.
+
+  rl.recompute_old_logprobs, or when unset: whenever model.dtype is not float32 (the sampler's
+  and the trainer's numerics then differ); always under top-k / top-p, whose sampling
+  distribution is not the policy's.
+  """
+  value = config.rl.recompute_old_logprobs
+  if value is None:
+    value = config.model.dtype != "float32"
+  return bool(value) or config.rollout.top_k > 0 or config.rollout.top_p < 1.0
 
 
 # ---- Setup ---------------------------------------------------------------------------------------
@@ -140,8 +157,7 @@ def setup(config: ml_collections.ConfigDict) -> tuple[Setup, RunState]:
                                  compile_activations=memory_plan.device_memory_bytes() is not None)
   memory_plan.check(plan)
   optimizer = rl.make_optimizer(config.rl)
-  filtered = config.rollout.top_k > 0 or config.rollout.top_p < 1.0
-  recompute = config.rl.recompute_old_logprobs or filtered
+  recompute = recomputes_old_logprobs(config)
 
   def load(layout):
     """The checkpoint read straight into `layout`'s parameter shardings."""
@@ -174,6 +190,24 @@ def setup(config: ml_collections.ConfigDict) -> tuple[Setup, RunState]:
     opt_state[key] = jax.jit(optimizer.init, out_shardings=opt_shardings)(params[key])
     updates[key] = rl.make_update_fn(apply_fn, optimizer, config.rl, config.rl.micro_batch_size,
                                      layout, shardings, opt_shardings)
+  value_fn = None
+  if config.rl.advantage_estimator == "gae":  # The value model, on the solver's devices.
+    layout = layouts["solver"]
+    shardings = critic.param_shardings(layout, model_config)
+    params["critic"] = jax.jit(functools.partial(critic.init, model_config=model_config),
+                               out_shardings=shardings)(load(layout))
+    critic_cfg = rl.critic_config(config.rl)
+    critic_optimizer = rl.make_optimizer(critic_cfg)
+    opt_shardings = sharding.like_params(critic_optimizer, shardings,
+                                         jax.eval_shape(critic_optimizer.init, params["critic"]),
+                                         layout.replicated)
+    opt_state["critic"] = jax.jit(critic_optimizer.init,
+                                  out_shardings=opt_shardings)(params["critic"])
+    critic_apply = functools.partial(critic.apply, config=model_config, layout=layout)
+    updates["critic"] = rl.make_update_fn(critic_apply, critic_optimizer, critic_cfg,
+                                          config.rl.micro_batch_size, layout, shardings,
+                                          opt_shardings, objective="value")
+    value_fn = rl.make_value_fn(critic_apply, config.rl.micro_batch_size, shardings)
   ref_params, ref_fns = {}, {}
   if config.rl.kl_coef > 0:  # The frozen start, on each role's devices.
     by_layout = {}
@@ -196,7 +230,7 @@ def setup(config: ml_collections.ConfigDict) -> tuple[Setup, RunState]:
             ref_params=ref_params,
             old_logprob_fns={role: per_layout[id(layouts[role])][1] for role in ROLES}
             if recompute else {},
-            heldout=heldout, memory_plan=plan, sandbox_pool=pool)
+            value_fn=value_fn, heldout=heldout, memory_plan=plan, sandbox_pool=pool)
   state = RunState(step=0, params=params, opt_state=opt_state,
                    recent_questions=diversity.RecentQuestions(max_steps=10))
   return s, state
@@ -210,12 +244,16 @@ def _apply(params, tokens, positions, mask, *, config, layout):
 
 
 def training_batch(s: Setup, role: str, out: SampleOutput, num_samples: int, rows: np.ndarray,
-                   advantages: np.ndarray, weights: np.ndarray, params) -> dict[str, jax.Array]:
+                   advantages: np.ndarray, weights: np.ndarray, params,
+                   critic_params=None) -> dict[str, jax.Array]:
   """Prompt + completion rows of a SampleOutput as the batch dict rl.make_grad_fn expects.
 
   The completion part is trimmed to a length bucket and the rows padded (with copies of a real
   row at weight 0) to a bucketed multiple of the micro-batch, so shapes repeat across steps.
   Every process builds the same host batch; `put_batch` keeps each process's rows only.
+  Reference and old log-probs come from the weights before any update. With a value model
+  (critic_params), `advantages` are the sequences' rewards: they become per-token GAE
+  advantages, and the batch also carries the old values and the returns the critic learns.
   """
   micro = s.config.rl.micro_batch_size
   prompt_rows = rows // num_samples
@@ -246,7 +284,20 @@ def training_batch(s: Setup, role: str, out: SampleOutput, num_samples: int, row
   if role in s.old_logprob_fns:  # Score the sampled tokens with the trainer's forward pass.
     batch["old_logprobs"] = s.old_logprob_fns[role](params, batch["tokens"],
                                                     batch["attention_mask"]) * batch["loss_mask"]
+  if critic_params is not None:
+    batch.update(gae_batch(batch, s.value_fn(critic_params, batch["tokens"],
+                                             batch["attention_mask"]),
+                           gamma=s.config.rl.gae_gamma, lam=s.config.rl.gae_lambda))
   return batch
+
+
+@functools.partial(jax.jit, static_argnames=("gamma", "lam"))
+def gae_batch(batch, values, *, gamma, lam):
+  """Per-token advantages, old values and returns of a batch whose `advantages` hold rewards."""
+  mask = batch["loss_mask"] * (batch["sample_weight"] > 0)[:, None]  # [B, T]
+  token_rewards = rl.last_token_rewards(batch["advantages"], mask)
+  advantages, returns = rl.gae_advantages(token_rewards, values, mask, gamma, lam)
+  return {"advantages": advantages, "old_values": values * mask, "returns": returns}
 
 
 # ---- Rewards and advantages (array code, jitted once per padded shape) ---------------------------
@@ -254,22 +305,102 @@ def training_batch(s: Setup, role: str, out: SampleOutput, num_samples: int, row
 
 # The reward shape's constants are static: they come from the config and never change in a run.
 @functools.partial(jax.jit, static_argnames=("centre", "width", "eps", "shape", "estimator",
-                                             "min_votes", "break_ties"))
-def vote_signals(ids, centre, width, eps, *, shape, estimator, min_votes, break_ties):
+                                             "min_votes", "break_ties", "invalid_votes", "ddof",
+                                             "solver_reward", "proposer_min_margin",
+                                             "solver_min_margin"))
+def vote_signals(ids, centre, width, eps, *, shape, estimator, min_votes, break_ties,
+                 invalid_votes=False, ddof=0, solver_reward="majority", proposer_min_margin=0,
+                 solver_min_margin=0, key=None):
   """answer ids [Q, N] -> majority id [Q], k [Q], solver reward [Q, N], proposer reward [Q],
-  solver advantages [Q, N] (the N answers of a question are one group)."""
-  majority_id, k, _ = rewards.majority_vote(ids)
-  solver_r = rewards.solver_reward(ids, min_votes, break_ties)
-  proposer_r = rewards.proposer_reward(k, ids.shape[1], shape, centre, width)
-  return majority_id, k, solver_r, proposer_r, rl.group_advantages(solver_r, estimator, eps)
+  solver advantages [Q, N] (the N answers of a question are one group).
+
+  The margin guard (0 = off): a question whose majority leads the runner-up by fewer than
+  proposer_min_margin votes pays the proposer 0, by fewer than solver_min_margin rewards no
+  answer. solver_reward="random" hands each question's rewards to random valid answers (`key`)
+  and the advantages follow; the proposer is still paid from the real vote's k, so the control
+  changes only what the solver learns from, not the questions it is asked.
+  """
+  majority_id, k, _ = rewards.majority_vote(ids, invalid_votes)
+  solver_r = rewards.solver_reward(ids, min_votes, break_ties, invalid_votes)  # [Q, N]
+  proposer_r = rewards.proposer_reward(k, ids.shape[1], shape, centre, width)  # [Q]
+  if solver_min_margin > 0:
+    solver_r *= rewards.confident_majority(ids, solver_min_margin, invalid_votes)[:, None]
+  if proposer_min_margin > 0:
+    proposer_r *= rewards.confident_majority(ids, proposer_min_margin, invalid_votes)
+  if solver_reward == "random":
+    solver_r = rewards.random_solver_reward(key, solver_r, ids >= 0)
+  return majority_id, k, solver_r, proposer_r, rl.group_advantages(solver_r, estimator, eps,
+                                                                   ddof=ddof)
 
 
-@functools.partial(jax.jit, static_argnames=("centre", "width", "eps", "shape", "estimator"))
-def test_signals(passes, test_mask, centre, width, eps, *, shape, estimator):
-  """Test results [Q, N, T] -> solver reward (pass rate) [Q, N], proposer reward [Q], advantages."""
+@functools.partial(jax.jit, static_argnames=("centre", "width", "eps", "shape", "estimator",
+                                             "ddof", "solver_reward"))
+def test_signals(passes, test_mask, centre, width, eps, *, shape, estimator, ddof=0,
+                 solver_reward="majority", key=None):
+  """Test results [Q, N, T] -> solver reward (pass rate) [Q, N], proposer reward [Q], advantages.
+
+  solver_reward="random" shuffles each question's pass rates among its N programs (`key`).
+  """
   solver_r = rewards.pass_rate_solver_reward(passes, test_mask)
   proposer_r = rewards.pass_rate_proposer_reward(passes, test_mask, shape, centre, width)
-  return solver_r, proposer_r, rl.group_advantages(solver_r, estimator, eps)
+  if solver_reward == "random":
+    solver_r = rewards.random_solver_reward(key, solver_r)
+  return solver_r, proposer_r, rl.group_advantages(solver_r, estimator, eps, ddof=ddof)
+
+
+def score(s: Setup, questions: list[Proposal], answers: list[list], key: jax.Array):
+  """Answers -> majority answers [Q], k [Q], solver rewards [Q, N], proposer rewards [Q] and
+  solver advantages [Q, N] (under GAE the rewards: the critic makes the advantages)."""
+  c, n, q = s.config, s.config.rollout.answers_per_question, len(questions)
+  gae = c.rl.advantage_estimator == "gae"
+  shape = dict(shape=c.rewards.proposer_shape, centre=c.rewards.gaussian_centre,
+               width=c.rewards.gaussian_width, eps=c.rl.advantage_eps, ddof=c.rl.std_ddof,
+               estimator="grpo" if gae else c.rl.advantage_estimator,
+               solver_reward=c.rewards.solver_reward, key=key)
+  rows = bucket(q, 1)  # Padded question count: the jitted reward code sees few shapes.
+  if s.task.reward_kind == "tests":
+    from sqlm_jax.tasks.coding import pass_matrix
+    passes, test_mask = pass_matrix(questions + [Proposal(None)] * (rows - q),
+                                    answers + [[None] * n] * (rows - q), s.sandbox_pool)
+    solver_r, proposer_r, solver_adv = test_signals(passes, test_mask, **shape)
+    # Answers passing every test (a random shuffle keeps each question's rewards).
+    k = (np.asarray(solver_r) == 1.0).sum(-1)
+    majority = [None] * q
+  else:
+    ids = np.full((rows, n), -1, np.int32)
+    ids[:q] = answer_ids(answers) if q else ids[:0]
+    majority_id, k, solver_r, proposer_r, solver_adv = vote_signals(
+        ids, min_votes=c.rewards.min_votes, break_ties=c.rewards.break_ties,
+        invalid_votes=c.rewards.invalid_answers_vote,
+        proposer_min_margin=c.rewards.proposer_min_margin,
+        solver_min_margin=c.rewards.solver_min_margin, **shape)
+    majority_id = np.asarray(majority_id)
+    majority = [row[list(ids[i]).index(majority_id[i])] if majority_id[i] >= 0 else None
+                for i, row in enumerate(answers)]
+  k, solver_r, proposer_r, solver_adv = (np.asarray(x)[:q] for x in (k, solver_r, proposer_r,
+                                                                      solver_adv))
+  return majority, k, solver_r, proposer_r, (solver_r if gae else solver_adv)
+
+
+def fixed_questions(config, task: Task, step: int) -> list[Proposal]:
+  """The step's questions from the task's own generator (task.question_source="fixed"), seeded
+  from (seed, step) alone, so a resumed run draws the same ones."""
+  rng = random.Random(f"{config.seed}:{step}")
+  count = config.rollout.prompts_per_step * config.rollout.proposals_per_prompt
+  return [task.generate_question(rng) for _ in range(count)]
+
+
+def proposer_advantages(config, proposer_r: np.ndarray, valid: np.ndarray) -> np.ndarray:
+  """Proposer rewards [Q] -> advantages over every proposal [P*M], grouped by topic prompt, the
+  invalid masked (weight 0, out of the statistics); under GAE the rewards themselves."""
+  full_r = np.zeros(len(valid), np.float32)
+  full_r[valid] = proposer_r
+  if config.rl.advantage_estimator == "gae":
+    return full_r
+  groups = (config.rollout.prompts_per_step, config.rollout.proposals_per_prompt)
+  return np.asarray(rl.group_advantages(
+      full_r.reshape(groups), config.rl.advantage_estimator, config.rl.advantage_eps,
+      mask=valid.reshape(groups), ddof=config.rl.std_ddof)).reshape(-1)
 
 
 # ---- One step --------------------------------------------------------------------------------------
@@ -278,24 +409,31 @@ def test_signals(passes, test_mask, centre, width, eps, *, shape, estimator):
 def train_step(s: Setup, state: RunState, key: jax.Array) -> tuple[RunState, dict, list[dict]]:
   c, task, tok = s.config, s.task, s.tokenizer
   n = c.rollout.answers_per_question
+  fixed = c.task.question_source == "fixed"
   times, m = {}, {}
   sampling = dict(top_k=c.rollout.top_k, top_p=c.rollout.top_p)
 
   # 1. Propose: every topic prompt is one proposer group of `proposals_per_prompt` samples. The
   #    prompts are identical, so all P*M proposals share one prefill (row r is in group r // M).
+  #    With fixed questions the task's generator writes them instead, and nothing is sampled.
   t0 = time.perf_counter()
-  proposer_prompt = encode_chat(tok, task.proposer_messages(s.topic))
-  num_proposals = c.rollout.prompts_per_step * c.rollout.proposals_per_prompt
-  proposals_out = s.samplers["proposer"](
-      state.params[role_key(c, "proposer")], [proposer_prompt], jax.random.fold_in(key, 0),
-      max_new_tokens=c.rollout.max_proposal_tokens, num_samples=num_proposals,
-      temperature=c.rollout.temperature, **sampling)
+  proposals_out = None
+  if not fixed:
+    proposals_out = s.samplers["proposer"](
+        state.params[role_key(c, "proposer")], [encode_chat(tok, task.proposer_messages(s.topic))],
+        jax.random.fold_in(key, 0), max_new_tokens=c.rollout.max_proposal_tokens,
+        num_samples=c.rollout.prompts_per_step * c.rollout.proposals_per_prompt,
+        temperature=c.rollout.temperature, **sampling)
   times["propose"] = time.perf_counter() - t0
 
   # 2. Parse: proposals -> questions; the invalid are masked out of both losses.
   t0 = time.perf_counter()
-  proposal_texts = evaluation.decode_rows(tok, proposals_out)
-  proposals = [task.parse_proposal(text) for text in proposal_texts]  # [P*M]
+  if fixed:
+    proposals = fixed_questions(c, task, state.step)
+    proposal_texts = [p.question for p in proposals]
+  else:
+    proposal_texts = evaluation.decode_rows(tok, proposals_out)
+    proposals = [task.parse_proposal(text) for text in proposal_texts]  # [P*M]
   valid = np.array([p.valid for p in proposals])
   questions = [p for p in proposals if p.valid]  # [Q]
   solver_prompts = [encode_chat(tok, task.solver_messages(p)) for p in questions]
@@ -316,51 +454,34 @@ def train_step(s: Setup, state: RunState, key: jax.Array) -> tuple[RunState, dic
   q = len(questions)
   answer_texts = evaluation.decode_rows(tok, answers_out) if questions else []
   answers = [[task.extract_answer(t) for t in answer_texts[i * n:(i + 1) * n]] for i in range(q)]
-  shape = dict(shape=c.rewards.proposer_shape, centre=c.rewards.gaussian_centre,
-               width=c.rewards.gaussian_width, estimator=c.rl.advantage_estimator,
-               eps=c.rl.advantage_eps)
-  rows = bucket(q, 1)  # Padded question count: the jitted reward code sees few shapes.
-  if task.reward_kind == "tests":
-    from sqlm_jax.tasks.coding import pass_matrix
-    passes, test_mask = pass_matrix(questions + [Proposal(None)] * (rows - q),
-                                    answers + [[None] * n] * (rows - q), s.sandbox_pool)
-    solver_r, proposer_r, solver_adv = test_signals(passes, test_mask, **shape)
-    k = (np.asarray(solver_r) == 1.0).sum(-1)  # Answers passing every test.
-    majority = [None] * q
-  else:
-    ids = np.full((rows, n), -1, np.int32)
-    ids[:q] = answer_ids(answers) if q else ids[:0]
-    majority_id, k, solver_r, proposer_r, solver_adv = vote_signals(
-        ids, min_votes=c.rewards.min_votes, break_ties=c.rewards.break_ties, **shape)
-    majority_id = np.asarray(majority_id)
-    majority = [row[list(ids[i]).index(majority_id[i])] if majority_id[i] >= 0 else None
-                for i, row in enumerate(answers)]
-  k, solver_r, proposer_r, solver_adv = (np.asarray(x)[:q] for x in (k, solver_r, proposer_r,
-                                                                      solver_adv))
+  majority, k, solver_r, proposer_r, solver_adv = score(s, questions, answers,
+                                                        jax.random.fold_in(key, 2))
   m.update(score_metrics(s, state, proposals, questions, answers, majority, solver_r, proposer_r,
                          k, answers_out, proposals_out))
   times["host_score"] = time.perf_counter() - t0
 
   # 5. Update: solver groups are the N answers of a question; proposer groups the M proposals
-  #    of a topic prompt, with invalid proposals masked (weight 0, excluded from the statistics).
+  #    of a topic prompt. Every batch (old log-probs, values) is built from the weights before
+  #    any update. Fixed questions have no proposer to update.
   t0 = time.perf_counter()
-  batches = {}
+  batches, rows = {}, {}
+  critic_params = state.params.get("critic")
   if q:
+    rows["solver"] = q * n
     batches["solver"] = training_batch(s, "solver", answers_out, n, np.arange(q * n),
                                        solver_adv.reshape(-1), np.ones(q * n),
-                                       state.params[role_key(c, "solver")])
-  update_proposer = (state.step + 1) % c.proposer_update_every == 0
+                                       state.params[role_key(c, "solver")], critic_params)
+  update_proposer = not fixed and (state.step + 1) % c.proposer_update_every == 0
   if update_proposer and valid.any():
-    full_r = np.zeros(len(proposals), np.float32)
-    full_r[valid] = proposer_r
-    groups = (c.rollout.prompts_per_step, c.rollout.proposals_per_prompt)
-    adv = np.asarray(rl.group_advantages(full_r.reshape(groups), c.rl.advantage_estimator,
-                                         c.rl.advantage_eps, mask=valid.reshape(groups)))
-    batches["proposer"] = training_batch(s, "proposer", proposals_out, num_proposals,
-                                         np.arange(len(proposals)), adv.reshape(-1),
+    rows["proposer"] = len(proposals)
+    batches["proposer"] = training_batch(s, "proposer", proposals_out, len(proposals),
+                                         np.arange(len(proposals)),
+                                         proposer_advantages(c, proposer_r, valid),
                                          valid.astype(np.float32),
-                                         state.params[role_key(c, "proposer")])
-  state, update_metrics = apply_role_updates(s, state, batches)
+                                         state.params[role_key(c, "proposer")], critic_params)
+  mini = {role: rl.mini_batches(batch, rows[role], c.rl.ppo_mini_batch_size)
+          for role, batch in batches.items()}
+  state, update_metrics = apply_role_updates(s, state, mini)
   for role, role_metrics in update_metrics.items():
     for name, value in role_metrics.items():
       m[f"{role}/{name}"] = float(value)
@@ -371,7 +492,7 @@ def train_step(s: Setup, state: RunState, key: jax.Array) -> tuple[RunState, dic
   m.update({f"time/{name}": value for name, value in times.items()})
   m["time/step"] = total
   m["time/host_fraction"] = (times["host_parse"] + times["host_score"]) / total
-  trained_tokens = sum(float(update_metrics[r]["tokens"]) for r in update_metrics)
+  trained_tokens = sum(float(update_metrics[r]["tokens"]) for r in batches)
   m["train_tokens_per_s"] = trained_tokens / max(times["train"], 1e-9)
   samples = sample_records(c.log.samples_per_step, proposals, proposal_texts, questions, answers,
                            answer_texts, majority, solver_r, proposer_r, n)
@@ -379,21 +500,72 @@ def train_step(s: Setup, state: RunState, key: jax.Array) -> tuple[RunState, dic
   return state, m, samples
 
 
-def apply_role_updates(s: Setup, state: RunState, batches: dict) -> tuple[RunState, dict]:
-  """One donated optimizer step per parameter set; with shared weights the roles' losses add
-  (their gradients sum into one step, whose norm is reported as grad_norm_combined)."""
-  params, opt_state, metrics = dict(state.params), dict(state.opt_state), {}
-  if s.config.shared_weights and batches:
-    params["policy"], opt_state["policy"], role_metrics = s.updates["policy"](
-        params["policy"], opt_state["policy"], tuple(batches.values()))
-    for role, m in zip(batches, role_metrics):
-      m["grad_norm_combined"] = m.pop("grad_norm")
-      metrics[role] = m
-  else:
-    for role, batch in batches.items():
-      params[role], opt_state[role], metrics[role] = s.updates[role](params[role],
-                                                                     opt_state[role], batch)
-  return dataclasses.replace(state, params=params, opt_state=opt_state), metrics
+def update_plan(config, batches: dict[str, list]) -> list[tuple[str, tuple, tuple]]:
+  """The optimizer steps of one self-play step, in order: (parameter set, roles, mini-batches).
+
+  Each role's batch is a list of mini-batches, one optimizer step each, run rl.ppo_epochs
+  times. Separate weights, or shared with "sequential": the solver's steps, then the
+  proposer's (on the solver-updated weights when shared). Shared with "summed": the roles'
+  j-th mini-batches in one step (their gradients add).
+  """
+  epochs = config.rl.ppo_epochs
+  roles = [role for role in ROLES if role in batches]
+  if config.shared_weights and config.shared_weights_update == "summed":
+    joint = []
+    for j in range(max((len(batches[r]) for r in roles), default=0)):
+      present = tuple(r for r in roles if j < len(batches[r]))
+      joint.append(("policy", present, tuple(batches[r][j] for r in present)))
+    return joint * epochs
+  return [(role_key(config, role), (role,), (mb,))
+          for role in roles for _ in range(epochs) for mb in batches[role]]
+
+
+def apply_role_updates(s: Setup, state: RunState, batches: dict[str, list]) -> tuple[RunState, dict]:
+  """Runs `update_plan`'s optimizer steps with the donated updates, all at the learning rate of
+  self-play step state.step (see rl.default_config); with a value model, the critic takes the
+  same steps on the same mini-batches. Returns each role's (and the critic's) metrics over its
+  steps: means, with token and sequence counts summed and the number of steps as
+  optimizer_steps. With summed shared weights, grad_norm is the summed gradient's, reported as
+  grad_norm_combined."""
+  c = s.config
+  params, opt_state = dict(state.params), dict(state.opt_state)
+  per_role: dict[str, list] = {}
+  plan = update_plan(c, batches)
+  for key, roles, mbs in plan:
+    params[key], opt_state[key], metrics = s.updates[key](params[key], opt_state[key], mbs,
+                                                          state.step)
+    for role, m in zip(roles, metrics):
+      per_role.setdefault(role, []).append(m)
+  if "critic" in s.updates:
+    for _, _, mbs in plan:
+      params["critic"], opt_state["critic"], metrics = s.updates["critic"](
+          params["critic"], opt_state["critic"], mbs, state.step)
+      per_role.setdefault("critic", []).extend(metrics)
+  summed = c.shared_weights and c.shared_weights_update == "summed"
+  out = {}
+  for role, steps in per_role.items():
+    out[role] = _mean_metrics(steps)
+    if summed and role != "critic":
+      out[role]["grad_norm_combined"] = out[role].pop("grad_norm")
+  return dataclasses.replace(state, params=params, opt_state=opt_state), out
+
+
+def _mean_metrics(steps: list[dict]) -> dict[str, float]:
+  """One role's metrics over its optimizer steps."""
+  steps = [jax.tree.map(float, m) for m in steps]
+  out = {}
+  for name in steps[0]:
+    values = [m[name] for m in steps]
+    if name in ("tokens", "sequences"):
+      out[name] = sum(values)
+    elif name.endswith("_max"):
+      out[name] = max(values)
+    elif name.endswith("_min"):
+      out[name] = min(values)
+    else:
+      out[name] = sum(values) / len(values)
+  out["optimizer_steps"] = len(steps)
+  return out
 
 
 # ---- What a researcher watches ----------------------------------------------------------------------
@@ -411,7 +583,8 @@ def score_metrics(s, state, proposals, questions, answers, majority, solver_r, p
       "k_histogram": np.bincount(np.asarray(k, np.int64), minlength=n + 1).tolist(),
       "answer_valid_rate": float(np.mean([[a is not None for a in row] for row in answers]))
                            if answers else None,
-      "proposal_length": float(proposals_out.lengths.mean()),
+      "proposal_length": float(proposals_out.lengths.mean()) if proposals_out is not None
+                         else None,
       "answer_length": float(answers_out.lengths.mean()) if answers_out is not None else None,
       "proposal_distinct2": diversity.distinct_n(texts, 2),
       "proposal_duplicate_rate": diversity.duplicate_rate(texts),

@@ -10,7 +10,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The override paths the README documents; every config must accept them.
-SMALL = ["--config.total_steps=1", "--config.seed=3", "--config.rollout.prompts_per_step=2",
+SMALL = ["--config.total_steps=2", "--config.seed=3", "--config.proposer_update_every=2",
+         "--config.rl.ppo_mini_batch_size=4", "--config.rollout.prompts_per_step=2",
          "--config.rollout.proposals_per_prompt=2", "--config.rollout.answers_per_question=2",
          "--config.rollout.max_proposal_tokens=8", "--config.rollout.max_answer_tokens=6",
          "--config.eval.num_examples=2", "--config.eval.max_new_tokens=4",
@@ -35,16 +36,23 @@ def test_main_runs_steps_and_writes_metrics(qwen2_dir, tmp_path, config, extra):
                     f"--workdir={tmp_path}", *SMALL, *extra)
   assert result.returncode == 0, result.stderr[-3000:]
   records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
-  step1 = [r for r in records if r["step"] == 1][0]
+  step1, step2 = ([r for r in records if r["step"] == i][0] for i in (1, 2))
   for key in ("step", "solver_reward", "proposer_reward", "valid_proposal_rate",
-              "pseudo_label_accuracy", "heldout/greedy_accuracy"):
+              "pseudo_label_accuracy", "solver/learning_rate"):
     assert key in step1, key
+  assert "heldout/greedy_accuracy" in step2
+  if step2["num_questions"]:  # Mini-batches of 4 answers: one optimizer step per question.
+    assert step2["solver/optimizer_steps"] == step2["num_questions"]
+  if step2["valid_proposal_rate"] > 0:  # The proposer's turn (every 2 steps), after the solver.
+    assert step2["proposer/optimizer_steps"] == 1
+  if "coding" in config:  # PPO with GAE: the value model trains with the policy.
+    assert "critic/value_loss" in step2 or not step2["num_questions"]
   summary = json.load(open(tmp_path / "summary.json"))
   assert {"base_accuracy", "final_accuracy", "heldout_set", "heldout_size"} <= set(summary)
   assert "greedy accuracy" in result.stdout
   saved = json.load(open(tmp_path / "config.json"))
   assert saved["seed"] == 3
-  assert saved["rl"]["total_steps"] == 1  # The cosine schedule ends with the run.
+  assert saved["rl"]["total_steps"] == 2  # The cosine schedule ends with the run.
 
 
 @pytest.mark.parametrize("args,expected", [
@@ -90,3 +98,50 @@ def test_the_lr_schedule_ends_with_the_run_unless_told_otherwise():
   assert config.rl.total_steps == 40
   config.rl.total_steps = 30  # An explicit schedule length does not change the run's length.
   assert (config.total_steps, config.rl.total_steps) == (40, 30)
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--config.task.question_source=fixed"],
+     "config.task.question_source='fixed' needs a question generator, which task 'algebra'"),
+    (["--config.task.question_source=written"],
+     "config.task.question_source='written' is not one of: proposer, fixed."),
+    (["--config.rewards.solver_reward=coin"],
+     "config.rewards.solver_reward='coin' is not one of: majority, random."),
+    (["--config.rewards.proposer_min_margin=-1"], "config.rewards.proposer_min_margin=-1"),
+])
+def test_ablation_controls_are_checked(qwen2_dir, args, expected):
+  result = run_main("--config", "configs/algebra.py", f"--config.model.path={qwen2_dir}", *args,
+                    timeout=120)
+  assert result.returncode == 2
+  assert expected in result.stderr, result.stderr[-2000:]
+  assert result.stderr.count("\n") == 1  # one line, no traceback
+
+
+@pytest.fixture(scope="module")
+def short_context_dir(tmp_path_factory):
+  from tests import tiny
+  return tiny.save_random_checkpoint(tmp_path_factory.mktemp("short"), "qwen2",
+                                     max_position_embeddings=1024)
+
+
+@pytest.mark.parametrize("args,expected", [
+    ([], "config.rollout.max_proposal_tokens=1024: a question that long makes the solver's "
+         "prompt 2048 tokens"),
+    (["--config.rollout.max_proposal_tokens=200"],
+     "config.rollout.max_answer_tokens=1024 plus the solver's prompt"),
+    (["--config.rollout.max_proposal_tokens=200", "--config.rollout.max_answer_tokens=200"],
+     "lower config.eval.max_new_tokens to at most 512"),
+])
+def test_context_length_is_checked_before_loading(short_context_dir, args, expected):
+  """A 1,024-token model and the paper's limits: the error names the key to lower."""
+  from sqlm_jax import main
+  from sqlm_jax.config_base import load_config
+  config = load_config("arithmetic")
+  config.model.path = short_context_dir
+  for arg in args:
+    key, value = arg[len("--config."):].split("=")
+    section, name = key.split(".")
+    config[section][name] = int(value)
+  with pytest.raises(main.ConfigError, match="max_position_embeddings=1024") as error:
+    main.validate(config)
+  assert expected in str(error.value)

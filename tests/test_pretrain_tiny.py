@@ -32,13 +32,23 @@ def test_short_run_lowers_the_loss_and_writes_a_loadable_checkpoint(tmp_path):
 
 
 def test_corpus_skips_excluded_problems():
-  """One-digit problems, all 100 pairs but (3, 4) excluded: only 3 + 4 may appear."""
+  """One-digit problems, all 100 pairs but 3 + 4 and 4 + 3 excluded: only those may appear."""
   spec = pretrain_tiny.CorpusSpec(answered_digits=(1,), four_digit_fraction=0.0,
                                   question_fraction=0.0)
-  excluded = frozenset((a, b) for a in range(10) for b in range(10)) - {(3, 4)}
+  excluded = frozenset((a, b) for a in range(10) for b in range(10)) - {(3, 4), (4, 3)}
   rng = random.Random(0)
   texts = {pretrain_tiny.make_document(rng, spec, excluded) for _ in range(50)}
-  assert texts == {"3000+4000=70000"}
+  assert texts == {"3000+4000=70000", "4000+3000=70000"}
+
+
+def test_corpus_skips_held_out_pairs_in_either_order():
+  """(3, 4) excluded: neither 3 + 4 nor 4 + 3 may appear; the rest of the one-digit pairs may."""
+  spec = pretrain_tiny.CorpusSpec(answered_digits=(1,), four_digit_fraction=0.0,
+                                  question_fraction=0.0)
+  rng = random.Random(0)
+  texts = {pretrain_tiny.make_document(rng, spec, frozenset({(3, 4)})) for _ in range(3000)}
+  assert "3000+4000=70000" not in texts and "4000+3000=70000" not in texts
+  assert "5000+4000=90000" in texts and "4000+5000=90000" in texts
 
 
 def test_heldout_and_dev_sets_are_disjoint_and_excluded():

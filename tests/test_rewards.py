@@ -169,3 +169,64 @@ def test_random_solver_reward_keeps_pass_rates_and_defaults_to_all_answers():
   firsts = {float(rewards.random_solver_reward(jax.random.key(s), pass_rates)[0, 0])
             for s in range(30)}
   assert firsts == {0.0, 0.25, 0.5, 1.0}
+
+
+def test_invalid_answers_vote_as_the_reference_does():
+  """[None, None, a, a]: the reference rewards nobody and pays the proposer nothing."""
+  ids = np.array([
+      [-1, -1, 0, 0],  # None ties with a and was sampled first: None wins
+      [0, 0, -1, -1],  # a ties with None and was sampled first: a wins
+      [-1, -1, -1, 0],  # None outvotes a
+      [0, -1, 0, 1],  # a outvotes None
+  ])
+  majority_id, k, has_majority = rewards.majority_vote(ids, invalid_votes=True)
+  np.testing.assert_array_equal(majority_id, [-1, 0, -1, 0])
+  np.testing.assert_array_equal(k, [0, 2, 0, 2])
+  np.testing.assert_array_equal(has_majority, [False, True, False, True])
+  solver_r = rewards.solver_reward(ids, invalid_votes=True)
+  np.testing.assert_array_equal(solver_r, [[0, 0, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0],
+                                           [1, 0, 1, 0]])
+  np.testing.assert_array_equal(rewards.proposer_reward(k, 4, "sqlm"), [0, 1, 0, 1])
+  # Today's rule on the same answers: None never votes, so a wins the first and third.
+  _, k_ours, _ = rewards.majority_vote(ids)
+  np.testing.assert_array_equal(k_ours, [2, 2, 1, 2])
+  np.testing.assert_array_equal(rewards.solver_reward(ids)[0], [0, 0, 1, 1])
+  np.testing.assert_array_equal(rewards.proposer_reward(k_ours, 4, "sqlm"), [1, 1, 0, 1])
+
+
+def test_a_tie_with_none_rewards_nobody_without_tie_breaking():
+  ids = np.array([[0, 0, -1, -1], [0, 0, -1, 1]])
+  np.testing.assert_array_equal(rewards.majority_is_tied(ids, invalid_votes=True), [True, False])
+  np.testing.assert_array_equal(rewards.solver_reward(ids, break_ties=False, invalid_votes=True),
+                                [[0, 0, 0, 0], [1, 1, 0, 0]])
+
+
+def test_vote_margin_hand_cases():
+  ids = np.array([
+      [0, 0, 0, 1, 1, 2, -1, -1],  # 3 vs 2: margin 1
+      [4, 4, 4, 4, 4, 4, 4, 4],  # unanimous: 8
+      [0, 1, 0, 1, 2, 2, 3, 3],  # four-way tie: 0
+      [-1, -1, -1, -1, -1, -1, -1, -1],  # no majority: 0
+      [5, 5, 5, 5, 5, 5, 2, 3],  # 6 vs 1: 5
+      [-1, -1, -1, -1, -1, 7, 7, -1],  # a lone answer among invalid ones: 2
+  ])
+  np.testing.assert_array_equal(jax.jit(rewards.vote_margin)(ids), [1, 8, 0, 0, 5, 2])
+  # With invalid answers voting as None, they are a candidate: None (6) beats 7 in row 5
+  # (no majority), and row 0's runner-up stays 2 (two Nones, two 1s).
+  np.testing.assert_array_equal(rewards.vote_margin(ids, invalid_votes=True), [1, 8, 0, 0, 5, 0])
+  np.testing.assert_array_equal(rewards.confident_majority(ids, 2),
+                                [False, True, False, False, True, True])
+  # min_margin 0 keeps every question with a majority, ties included.
+  np.testing.assert_array_equal(rewards.confident_majority(ids, 0),
+                                [True, True, True, False, True, True])
+
+
+def test_split_half_agreement_hand_cases():
+  ids = np.array([
+      [0, 0, 1, 0, 0, 0, 2, 0],  # halves' majorities 0 and 0
+      [0, 0, 1, 2, 1, 1, 0, 3],  # 0 then 1: unstable, although the whole vote has k = 3
+      [0, -1, -1, -1, -1, -1, -1, -1],  # the second half has no majority
+      [3, 1, 1, 3, 1, 3, 3, 2],  # tie 3/1 in the first half goes to the smaller id, 1; then 3
+  ])
+  np.testing.assert_array_equal(jax.jit(rewards.split_half_agreement)(ids),
+                                [True, False, False, False])

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from sqlm_jax import rl
@@ -38,7 +39,7 @@ def test_group_advantages_hand_cases():
       [[0.5, -0.5, -0.5, 0.5], [0.75, -0.25, -0.25, -0.25]], rtol=1e-6)
 
 
-@pytest.mark.parametrize("estimator", rl.ADVANTAGE_ESTIMATORS)
+@pytest.mark.parametrize("estimator", rl.GROUP_ESTIMATORS)
 def test_group_advantages_equal_rewards_are_exactly_zero(estimator):
   # 0.1 is not exact in binary: the mean rounds, and grpo's eps would amplify it.
   rewards = np.array([[0.1, 0.1, 0.1], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
@@ -367,3 +368,147 @@ def test_garbage_sampling_logprob_stays_finite(adv):
                           jnp.array([[0.0, 1.0]]), jnp.ones(1), _cfg())[0]
   lp = jnp.array([[0.0, -1.0]])
   assert np.isfinite(loss(lp)) and np.all(np.isfinite(jax.grad(loss)(lp)))
+
+
+# ------------------------------------------------------------------ mini-batches and schedule
+
+
+def _adamw_step(params, grads, cfg):
+  """One plain optax AdamW step (no injected learning rate), as the update was before."""
+  opt = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm),
+                    optax.adamw(cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)))
+  updates, _ = opt.update(grads, opt.init(params), params)
+  return optax.apply_updates(params, updates)
+
+
+def test_k_mini_batches_make_k_optimizer_steps_and_one_equals_the_full_batch_step():
+  cfg = _cfg(learning_rate=0.05, weight_decay=0.01, loss_agg="token_mean", kl_coef=0.1)
+  params = toy_params()
+  batch = toy_batch(params, cfg)
+  optimizer = rl.make_optimizer(cfg)
+  update = rl.make_update_fn(toy_apply, optimizer, cfg, micro_batch_size=2)
+  # One mini-batch (size 0, or at least the batch) is today's full-batch step.
+  for size in (0, 4, 8):
+    assert len(rl.mini_batches(batch, 4, size)) == 1
+  _, grads = full_batch_grads(params, batch, cfg)
+  expected = _adamw_step(params, grads, cfg)
+  p, opt_state = jax.tree.map(jnp.array, params), optimizer.init(params)
+  for mb in rl.mini_batches(batch, 4, 0):
+    p, opt_state, _ = update(p, opt_state, mb, 0)
+  for key in params:
+    np.testing.assert_allclose(p[key], expected[key], rtol=1e-5, atol=1e-7, err_msg=key)
+  # Two mini-batches of two rows: two optimizer steps, the second from the first's weights.
+  minis = rl.mini_batches(batch, 4, 2)
+  assert [m["tokens"].shape[0] for m in minis] == [2, 2]
+  p, opt_state = jax.tree.map(jnp.array, params), optimizer.init(params)
+  for mb in minis:
+    p, opt_state, metrics = update(p, opt_state, mb, 0)
+  assert int(opt_state.count) == 2
+  assert not np.allclose(p["out"], expected["out"])
+  # Three real rows of six, mini-batches of two: [0:2], then the rest with the padding.
+  assert [m["tokens"].shape[0] for m in rl.mini_batches(
+      jax.tree.map(lambda x: np.concatenate([x, x[:2]]), batch), 3, 2)] == [2, 4]
+
+
+def test_the_learning_rate_follows_the_self_play_step_not_the_optimizer_count():
+  cfg = _cfg(learning_rate=1.0, lr_schedule="cosine", total_steps=10, warmup_steps=0)
+  schedule = rl.make_lr_schedule(cfg)
+  params = toy_params()
+  batch = toy_batch(params, _cfg())
+  del batch["ref_logprobs"]
+  optimizer = rl.make_optimizer(cfg)
+  update = rl.make_update_fn(toy_apply, optimizer, cfg, micro_batch_size=4)
+  opt_state = optimizer.init(params)
+  p = jax.tree.map(jnp.array, params)
+  # A role that skipped steps 0..6 takes its first optimizer step at self-play step 7.
+  p, opt_state, metrics = update(p, opt_state, batch, 7)
+  np.testing.assert_allclose(metrics["learning_rate"], schedule(7), rtol=1e-6)
+  p, opt_state, metrics = update(p, opt_state, batch, 7)  # A second mini-batch, same step.
+  np.testing.assert_allclose(metrics["learning_rate"], schedule(7), rtol=1e-6)
+  assert float(schedule(7)) < 0.5
+  # Without a step, the optimizer's own count (2 steps taken) drives it.
+  _, _, metrics = update(p, opt_state, batch)
+  np.testing.assert_allclose(metrics["learning_rate"], schedule(2), rtol=1e-6)
+
+
+# ------------------------------------------------------------------------ GAE and the critic
+
+
+def test_gae_advantages_and_returns_by_hand():
+  # Row 0: prompt token, then three scored tokens, reward 1 on the last. Row 1: padding.
+  mask = np.array([[0, 1, 1, 1], [0, 0, 0, 0]], np.float32)
+  values = np.array([[0.0, 0.5, 0.2, 0.9], [0.3, 0.3, 0.3, 0.3]], np.float32)
+  token_rewards = rl.last_token_rewards(np.array([1.0, 5.0]), mask)
+  np.testing.assert_array_equal(token_rewards, [[0, 0, 0, 1], [0, 0, 0, 0]])
+  gamma, lam = 0.9, 0.8
+  adv, returns = rl.gae_advantages(token_rewards, values, mask, gamma, lam, whiten=False)
+  a3 = 1.0 - 0.9  # delta_3 = r - V_3 (nothing after the last token)
+  a2 = (0.9 * 0.9 - 0.2) + gamma * lam * a3  # delta_2 = gamma V_3 - V_2
+  a1 = (0.9 * 0.2 - 0.5) + gamma * lam * a2
+  np.testing.assert_allclose(adv, [[0, a1, a2, a3], [0, 0, 0, 0]], rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(returns, [[0, a1 + 0.5, a2 + 0.2, a3 + 0.9], [0, 0, 0, 0]],
+                             rtol=1e-6)
+  # gamma = lam = 1 (verl's default): every token's return is the outcome reward.
+  _, returns = rl.gae_advantages(token_rewards, values, mask, 1.0, 1.0, whiten=False)
+  np.testing.assert_allclose(returns[0, 1:], [1, 1, 1], rtol=1e-6)
+  # Whitened over the scored tokens: mean 0, unbiased std 1; padding stays 0.
+  white, _ = rl.gae_advantages(token_rewards, values, mask, gamma, lam)
+  raw = np.array([a1, a2, a3])
+  np.testing.assert_allclose(white[0, 1:], (raw - raw.mean()) / raw.std(ddof=1), rtol=1e-4)
+  np.testing.assert_array_equal(white[1], 0)
+
+
+def test_value_loss_clips_like_verl():
+  cfg = _cfg(value_clip=0.5)
+  one = np.ones((1, 1), np.float32)
+  # New value 1, old 0, return 2: clipped value 0.5 is further from the return -> it counts.
+  loss, sums = rl._value_sums(jnp.array([[1.0]]), 0 * one, 2 * one, one, np.ones(1), cfg)
+  np.testing.assert_allclose(loss, 0.5 * 1.5 ** 2)
+  assert sums["value_clip_frac"] == 1
+  # Return -1: the unclipped value is the further one; its loss counts (the larger of two).
+  loss, sums = rl._value_sums(jnp.array([[1.0]]), 0 * one, -one, one, np.ones(1), cfg)
+  np.testing.assert_allclose(loss, 0.5 * 2.0 ** 2, rtol=1e-5)
+  assert sums["value_clip_frac"] == 0
+
+
+def toy_values(params, tokens, positions, attention_mask):
+  """A toy value model: the toy LM's hidden state read by a vector head."""
+  mask = attention_mask.astype(jnp.float32)[..., None]
+  h = params["embed"][tokens] * mask
+  h = jnp.cumsum(h, axis=1) / jnp.maximum(jnp.cumsum(mask, axis=1), 1.0)
+  return jnp.tanh(h + params["pos"][positions]) @ params["head"]  # [B, T]
+
+
+def test_the_critic_loss_falls_on_a_toy_problem():
+  cfg = rl.critic_config(_cfg(critic_learning_rate=0.05, value_clip=0.5, max_grad_norm=1.0))
+  params = dict(toy_params(), head=jnp.zeros(D))
+  del params["out"], params["bias"]
+  batch = toy_batch(toy_params(), _cfg())
+  value_fn = rl.make_value_fn(toy_values, 2)
+  returns = np.where(batch["loss_mask"] > 0, np.linspace(-1, 1, T)[None, :], 0).astype(np.float32)
+  optimizer = rl.make_optimizer(cfg)
+  update = rl.make_update_fn(toy_values, optimizer, cfg, 2, objective="value")
+  opt_state = optimizer.init(params)
+  losses = []
+  for step in range(40):
+    old = np.asarray(value_fn(params, batch["tokens"], batch["attention_mask"])) * batch["loss_mask"]
+    value_batch = dict(tokens=batch["tokens"], attention_mask=batch["attention_mask"],
+                       loss_mask=batch["loss_mask"], sample_weight=batch["sample_weight"],
+                       old_values=old, returns=returns)
+    params, opt_state, metrics = update(params, opt_state, value_batch, step)
+    losses.append(float(metrics["value_loss"]))
+  assert losses[-1] < 0.2 * losses[0], losses
+  assert metrics["learning_rate"] == pytest.approx(0.05)
+
+
+def test_unbiased_group_std_and_kl_clamp():
+  adv = rl.group_advantages(np.array([[1.0, 0.0, 0.0, 1.0]]), "grpo", eps=0.0, ddof=1)
+  np.testing.assert_allclose(adv, [[0.5 / math.sqrt(1 / 3)] * 1 + [-0.5 / math.sqrt(1 / 3)] * 2
+                                   + [0.5 / math.sqrt(1 / 3)]], rtol=1e-6)
+  # ref - logp = 13: the low-variance KL is e^13 - 14, clamped to 10.
+  args = (jnp.zeros((1, 2)), jnp.zeros((1, 2)), jnp.ones(1), jnp.array([[0.0, 1.0]]), jnp.ones(1))
+  ref = jnp.array([[0.0, 13.0]])
+  _, clamped = rl.policy_loss(*args, _cfg(kl_coef=0.1, kl_clamp=10.0), ref_logprobs=ref)
+  _, free = rl.policy_loss(*args, _cfg(kl_coef=0.1), ref_logprobs=ref)
+  assert float(clamped["kl"]) == pytest.approx(10.0) and float(free["kl"]) > 1e5

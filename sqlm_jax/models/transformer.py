@@ -216,9 +216,14 @@ class DecoderLayer(nn.Module):
 
 
 class Decoder(nn.Module):
-  """The whole model without a cache (training, init); `forward_with_cache` reuses its parts."""
+  """The whole model without a cache (training, init); `forward_with_cache` reuses its parts.
+
+  hidden_only: return the final normed hidden states [B, T, E] instead of logits (a value
+  model's trunk), so the vocabulary head is neither needed nor computed.
+  """
   config: ModelConfig
   layout: Optional[Layout] = None
+  hidden_only: bool = False
 
   @nn.compact
   def __call__(self, tokens, positions, key_mask):
@@ -235,6 +240,8 @@ class Decoder(nn.Module):
                      metadata_params={nn.PARTITION_NAME: "layers"})
     x, _ = layers(c, self.layout, name="layers")(x, positions, key_mask)
     x = RMSNorm(c.rms_norm_eps, "embed", dtype, pdtype, name="norm")(x)
+    if self.hidden_only:
+      return x
     if c.tie_word_embeddings:
       return _logits(x, embedding.T, dtype, self.layout)
     lm_head = _param(self, "lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"),
@@ -257,12 +264,15 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
 
 
 def forward(params: Params, config: ModelConfig, tokens: jax.Array, positions: jax.Array,
-            attention_mask: jax.Array, layout: Optional[Layout] = None) -> jax.Array:
-  """Full causal forward without a cache: tokens [B, T] -> float32 logits [B, T, V]."""
+            attention_mask: jax.Array, layout: Optional[Layout] = None,
+            hidden_only: bool = False) -> jax.Array:
+  """Full causal forward without a cache: tokens [B, T] -> float32 logits [B, T, V] (or, with
+  hidden_only, the final hidden states [B, T, E] in the compute dtype)."""
   t = tokens.shape[1]
   causal = jnp.tril(jnp.ones((t, t), bool))
   key_mask = causal[None] & attention_mask.astype(bool)[:, None, :]  # [B, T, T]
-  return Decoder(config, layout).apply({"params": params}, tokens, positions, key_mask)
+  return Decoder(config, layout, hidden_only).apply({"params": params}, tokens, positions,
+                                                    key_mask)
 
 
 def init_cache(config: ModelConfig, batch: int, length: int, dtype=None,
