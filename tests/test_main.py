@@ -38,11 +38,12 @@ def test_main_runs_steps_and_writes_metrics(qwen2_dir, tmp_path, config, extra):
   records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   step1, step2 = ([r for r in records if r["step"] == i][0] for i in (1, 2))
   for key in ("step", "solver_reward", "proposer_reward", "valid_proposal_rate",
-              "pseudo_label_accuracy", "solver/learning_rate"):
+              "pseudo_label_accuracy", "learning_rate"):
     assert key in step1, key
   assert "heldout/greedy_accuracy" in step2
-  if step2["num_questions"]:  # Mini-batches of 4 answers: one optimizer step per question.
-    assert step2["solver/optimizer_steps"] == step2["num_questions"]
+  if step2["num_questions"]:  # Mini-batches of 4 answers: two questions' 2 answers each.
+    assert step2["solver/optimizer_steps"] == -(-2 * step2["num_questions"] // 4)
+    assert step2["solver/learning_rate"] == step2["learning_rate"]
   if step2["valid_proposal_rate"] > 0:  # The proposer's turn (every 2 steps), after the solver.
     assert step2["proposer/optimizer_steps"] == 1
   if "coding" in config:  # PPO with GAE: the value model trains with the policy.
