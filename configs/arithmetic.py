@@ -3,7 +3,7 @@
   python -m sqlm_jax.main --config configs/arithmetic.py --config.model.path=/ckpt/Qwen2.5-3B-Instruct
 """
 
-from sqlm_jax.config_base import base_config
+from sqlm_jax.config_base import base_config, reference_update
 
 
 def get_config():
@@ -24,16 +24,7 @@ def get_config():
   c.rl.kl_coef = 1e-3  # KL to the starting model, low-variance (k3) estimator.
   c.rl.kl_estimator = "low_var"
   c.proposer_update_every = 5
-  # The reference trainer's update (verl, exps/smallbs.yaml; see the README's fidelity table).
-  c.shared_weights_update = "sequential"  # Solver update, then proposer on the updated weights.
-  c.rl.weight_decay = 0.01
-  c.rl.clip_eps_low = 0.2
-  c.rl.clip_eps_high = 0.2
-  c.rl.loss_agg = "token_mean"
-  c.rl.std_ddof = 1  # torch.std: the unbiased group std.
-  c.rl.kl_clamp = 10.0
-  c.rl.ppo_mini_batch_size = 128  # 32 prompts x n = 4: 8 steps per solver update, 2 per proposer.
-  c.rl.ppo_epochs = 1
+  reference_update(c)  # The reference trainer's update constants (config_base).
   c.rewards.proposer_shape = "sqlm"  # 1 iff 1 < k < N, as in the reference code.
   c.rewards.invalid_answers_vote = True  # An unparseable answer votes, as None.
   c.eval.heldout = "multiplication3"  # Three-digit multiplication, like the paper's test set.

@@ -133,6 +133,20 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def reference_update(c: ml_collections.ConfigDict) -> None:
+  """The reference trainer's update (verl, exps/smallbs.yaml; the README's fidelity table),
+  shared by the paper's math configs."""
+  c.shared_weights_update = "sequential"  # Solver update, then proposer on the updated weights.
+  c.rl.weight_decay = 0.01
+  c.rl.clip_eps_low = 0.2
+  c.rl.clip_eps_high = 0.2
+  c.rl.loss_agg = "token_mean"
+  c.rl.std_ddof = 1  # torch.std: the unbiased group std.
+  c.rl.kl_clamp = 10.0
+  c.rl.ppo_mini_batch_size = 128  # 32 prompts x n = 4: 8 steps per solver update, 2 per proposer.
+  c.rl.ppo_epochs = 1
+
+
 def load_config(name_or_path: str) -> ml_collections.ConfigDict:
   """get_config() of a config file: a path, or the name of one in the repository's configs/.
 
