@@ -5,7 +5,14 @@
       --seeds 0,1,2 [--parallel K] [--dry_run] [--config.KEY=VALUE ...]
 
 An arm is one combination of grid values; run S of arm A lives in WORKDIR/A/seedS, where A
-reads like `proposer_update_every=1,rewards.proposer_shape=sqlm`. Further `--config.` overrides
+reads like `proposer_update_every=1,rewards.proposer_shape=sqlm`. Named arms change one thing
+at a time instead (an ablation table), and combine with any grid:
+
+  python -m sqlm_jax.sweep --config configs/tiny.py --workdir runs/ablations --seeds 0,1,2 \
+      --arm full: --arm frozen:proposer_update_every=1000000 \
+      --arm guard:rewards.proposer_min_margin=3,rewards.solver_min_margin=3
+
+Their folders and the `arm` column of the results are their names. Further `--config.` overrides
 apply to every run. Every arm's config is built and checked (unknown keys, values of the wrong
 type, `main.validate`) before anything runs. A run is finished when its summary.json records
 the config's total_steps; rerunning the same command skips finished runs and starts the others
@@ -48,7 +55,8 @@ class SweepError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class Run:
   arm: str  # folder name of the arm
-  grid: tuple[tuple[str, str], ...]  # (key, value) of the arm, in --grid order
+  grid: tuple[tuple[str, str], ...]  # the results' columns: ("arm", NAME) for a named arm, then
+  # (key, value) of the grid, in --grid order
   seed: int
   workdir: str
   total_steps: int
@@ -70,6 +78,23 @@ def parse_grid(text: str) -> tuple[str, list[str]]:
   if len(set(items)) != len(items):
     raise SweepError(f"--grid {text!r} repeats a value.")
   return key, items
+
+
+def parse_arm(text: str) -> tuple[str, list[tuple[str, str]]]:
+  """"NAME:KEY=V,KEY=V" -> (NAME, [(KEY, V), ...]); "NAME:" is the config unchanged."""
+  name, sep, body = text.partition(":")
+  items = [item.strip() for item in body.split(",")] if body.strip() else []
+  pairs = [item.partition("=") for item in items]
+  if not sep or not re.fullmatch(r"[A-Za-z0-9_+-][A-Za-z0-9._+-]*", name) or any(
+      not key.strip() or not eq or not value.strip() for key, eq, value in pairs):
+    raise SweepError(f"--arm {text!r} is not NAME:KEY=VALUE[,KEY=VALUE...] (NAME of letters, "
+                     "digits, '.', '_', '+', '-'; 'NAME:' alone is the unchanged config), e.g. "
+                     "--arm frozen:proposer_update_every=1000000.")
+  overrides = [(key.strip().removeprefix("config."), value.strip()) for key, _, value in pairs]
+  keys = [key for key, _ in overrides]
+  if len(set(keys)) != len(keys):
+    raise SweepError(f"--arm {text!r} sets a key twice.")
+  return name, overrides
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -136,34 +161,47 @@ def build_config(config_path: str, overrides: Sequence[tuple[str, str]]):
 
 
 def plan(config_path: str, grids: Sequence[tuple[str, list[str]]], seeds: Sequence[int],
-         overrides: Sequence[tuple[str, str]], workdir: str) -> list[Run]:
-  """Every run of the sweep, each arm's config checked; raises SweepError naming what is wrong."""
+         overrides: Sequence[tuple[str, str]], workdir: str,
+         arms: Sequence[tuple[str, list[tuple[str, str]]]] = ()) -> list[Run]:
+  """Every run of the sweep (named arms x grid x seeds), each arm's config checked.
+
+  Raises SweepError naming what is wrong.
+  """
   keys = [key for key, _ in grids]
   if len(set(keys)) != len(keys):
     raise SweepError(f"a --grid key is given twice: {', '.join(keys)}.")
-  if "seed" in keys or any(k == "seed" for k, _ in overrides):
-    raise SweepError("seeds are set with --seeds, not --grid seed=... or --config.seed.")
+  arm_names = [name for name, _ in arms]
+  if len(set(arm_names)) != len(arm_names):
+    raise SweepError(f"an --arm name is given twice: {', '.join(arm_names)}.")
+  arm_keys = {key for _, arm in arms for key, _ in arm}
+  if "seed" in [*keys, *arm_keys, *(k for k, _ in overrides)]:
+    raise SweepError("seeds are set with --seeds, not --grid seed=..., --arm or --config.seed.")
   for key, _ in overrides:
-    if key in keys:
-      raise SweepError(f"config.{key} is both a --grid key and a --config override.")
+    if key in keys or key in arm_keys:
+      raise SweepError(f"config.{key} is both a --grid or --arm key and a --config override.")
+  for key in keys:
+    if key in arm_keys:
+      raise SweepError(f"config.{key} is both a --grid key and an --arm key.")
   runs, names = [], {}
-  for values in itertools.product(*(items for _, items in grids)):
+  for (name, named), values in itertools.product(arms or [(None, [])],
+                                                 itertools.product(*(v for _, v in grids))):
     grid = tuple(zip(keys, values))
-    arm = arm_name(grid)
+    arm = name if name and not grid else f"{name},{arm_name(grid)}" if name else arm_name(grid)
     if arm in names:
       raise SweepError(f"arms {names[arm]} and {grid} need the same folder name {arm!r}.")
     names[arm] = grid
-    arm_overrides = [*grid, *overrides]
+    arm_overrides = [*named, *grid, *overrides]
     try:
       config = build_config(config_path, [("seed", str(seeds[0])), *arm_overrides])
     except SweepError as error:
-      where = f"arm {arm}: " if grid else ""
+      where = f"arm {arm}: " if name or grid else ""
       raise SweepError(f"{where}{error}") from None
+    columns = ((("arm", name),) if name else ()) + grid
     for seed in seeds:
       run_dir = os.path.join(workdir, arm, f"seed{seed}")
       argv = ("--config", config_path, "--workdir", run_dir, f"--config.seed={seed}",
               *(f"--config.{k}={v}" for k, v in arm_overrides))
-      runs.append(Run(arm, grid, seed, run_dir, int(config.total_steps), argv,
+      runs.append(Run(arm, columns, seed, run_dir, int(config.total_steps), argv,
                       (config.eval.heldout, config.eval.data_dir)))
   return runs
 
@@ -349,6 +387,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--workdir", required=True, help="the sweep's folder")
   parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                       help="a config key and its values; repeat for more keys")
+  parser.add_argument("--arm", action="append", default=[], metavar="NAME:KEY=V,KEY=V",
+                      help="a named arm and its overrides ('NAME:' alone: none); repeat for more")
   parser.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
   parser.add_argument("--parallel", type=int, default=1, help="runs at a time")
   parser.add_argument("--dry_run", action="store_true",
@@ -359,7 +399,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.parallel < 1:
       raise SweepError(f"--parallel {args.parallel} must be at least 1.")
     runs = plan(args.config, [parse_grid(g) for g in args.grid], parse_seeds(args.seeds),
-                parse_overrides(rest), args.workdir)
+                parse_overrides(rest), args.workdir, [parse_arm(a) for a in args.arm])
   except SweepError as error:
     print(f"Sweep error: {error}", file=sys.stderr)
     return 2

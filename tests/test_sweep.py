@@ -39,6 +39,47 @@ def test_dry_run_prints_one_main_command_per_run_and_runs_nothing(tmp_path, caps
   assert not workdir.exists()
 
 
+def test_named_arms_change_one_thing_each_and_combine_with_a_grid(tmp_path, capsys):
+  workdir = tmp_path / "ablations"
+  code = sweep.main(["--config", TINY, "--workdir", str(workdir), "--seeds", "0,1", "--dry_run",
+                     "--arm", "full:", "--arm", "frozen:proposer_update_every=1000000",
+                     "--arm", "guard: rewards.proposer_min_margin=3, rewards.solver_min_margin=3",
+                     "--grid", "rl.learning_rate=1e-4,3e-5", "--config.total_steps=7"])
+  assert code == 0
+  commands = [shlex.split(line) for line in capsys.readouterr().out.strip().splitlines()]
+  assert len(commands) == 3 * 2 * 2
+  folders = [c[c.index("--workdir") + 1] for c in commands]
+  assert folders[:2] == [str(workdir / "full,rl.learning_rate=1e-4" / f"seed{s}") for s in (0, 1)]
+  full, guard = set(commands[0]), set(commands[-1])
+  assert not any("min_margin" in a or "proposer_update_every" in a for a in full)
+  assert {"--config.rewards.proposer_min_margin=3", "--config.rewards.solver_min_margin=3",
+          "--config.rl.learning_rate=3e-5", "--config.seed=1", "--config.total_steps=7"} <= guard
+  assert folders[-1] == str(workdir / "guard,rl.learning_rate=3e-5" / "seed1")
+  runs = sweep.plan(TINY, [], [0], [], str(workdir), [sweep.parse_arm("frozen:proposer_update_every=9")])
+  assert runs[0].arm == "frozen" and runs[0].grid == (("arm", "frozen"),)
+  rows = sweep.write_csv(runs, str(tmp_path / "results.csv"))
+  assert rows == [{"arm": "frozen", "seed": 0}]
+  assert (tmp_path / "results.csv").read_text().startswith("arm,seed,base_accuracy,")
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--arm", "frozen"], "--arm 'frozen' is not NAME:KEY=VALUE"),
+    (["--arm", "a/b:rl.kl_coef=0"], "--arm 'a/b:rl.kl_coef=0' is not NAME"),
+    (["--arm", "x:rl.kl_coef"], "--arm 'x:rl.kl_coef' is not NAME"),
+    (["--arm", "x:rl.kl_coef=0,rl.kl_coef=1"], "sets a key twice"),
+    (["--arm", "x:", "--arm", "x:rl.kl_coef=0"], "an --arm name is given twice"),
+    (["--arm", "x:rl.kl_coef=0", "--grid", "rl.kl_coef=0,1"], "both a --grid key and an --arm"),
+    (["--arm", "x:rl.kl_coef=0", "--config.rl.kl_coef=1"], "both a --grid or --arm key"),
+    (["--arm", "x:seed=3"], "--seeds"),
+    (["--arm", "odd:rewards.proposer_shape=cubic"], "arm odd: config.rewards.proposer_shape='cubic'"),
+])
+def test_bad_arms_are_refused_by_name_before_anything_runs(tmp_path, capsys, args, named):
+  workdir = tmp_path / "sweep"
+  assert sweep.main(["--config", TINY, "--workdir", str(workdir), *args]) == 2
+  assert named in capsys.readouterr().err
+  assert not workdir.exists()
+
+
 @pytest.mark.parametrize("args, named", [
     (["--grid", "rewards.proposer_shape=sqlm,cubic"], "config.rewards.proposer_shape='cubic'"),
     (["--grid", "rewards.proposer_shap=sqlm,rzero"], "config.rewards.proposer_shap is not a config key"),
@@ -47,7 +88,7 @@ def test_dry_run_prints_one_main_command_per_run_and_runs_nothing(tmp_path, caps
     (["--config.rl.learnin_rate=3"], "config.rl.learnin_rate is not a config key"),
     (["--grid", "seed=1,2"], "--seeds"),
     (["--grid", "rl.kl_coef"], "--grid 'rl.kl_coef' is not KEY=VALUE"),
-    (["--grid", "rl.kl_coef=0", "--config.rl.kl_coef=0.1"], "both a --grid key and a --config"),
+    (["--grid", "rl.kl_coef=0", "--config.rl.kl_coef=0.1"], "both a --grid or --arm key and a --config"),
     (["--seeds", "0,x"], "--seeds '0,x'"),
 ])
 def test_bad_grid_keys_and_values_are_refused_by_name_before_anything_runs(tmp_path, capsys,
