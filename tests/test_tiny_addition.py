@@ -47,3 +47,13 @@ def test_bundled_checkpoint_loads_with_its_tokenizer():
   tokenizer = load_tokenizer(path)
   assert isinstance(tokenizer, CharTokenizer) and tokenizer.vocab_size == config.vocab_size
   assert config.model_type in ("llama", "qwen2") and config.num_params() < 5_000_000
+
+
+def test_the_weak_config_is_the_default_on_the_weak_base():
+  from sqlm_jax.config_base import load_config
+  tiny, weak = load_config("tiny"), load_config("tiny_weak")
+  assert os.path.basename(weak.model.path) == "tiny_addition_weak"
+  config, _ = load_pretrained(weak.model.path)
+  assert config.vocab_size == load_tokenizer(weak.model.path).vocab_size
+  weak.model.path = tiny.model.path
+  assert weak.to_dict() == tiny.to_dict()
