@@ -44,6 +44,7 @@ import numpy as np
 
 RESULT_FIELDS = ("seed", "base_accuracy", "final_accuracy", "gain", "pseudo_label_accuracy",
                  "wall_seconds")
+TAIL_STEPS = 10  # "final" pseudo-label accuracy: the mean over the run's last 10 steps
 CURVES = (("heldout/greedy_accuracy", "Held-out greedy accuracy"),
           ("pseudo_label_accuracy", "Pseudo-label accuracy (majority is right)"))
 
@@ -275,7 +276,7 @@ def run_result(run: Run) -> dict:
     row["base_accuracy"] = summary["base_accuracy"]
     row["final_accuracy"] = summary["final_accuracy"]
     row["gain"] = summary["final_accuracy"] - summary["base_accuracy"]
-    row["pseudo_label_accuracy"] = _last_value(run, "pseudo_label_accuracy")
+    row["pseudo_label_accuracy"] = _tail_mean(run, "pseudo_label_accuracy")
   info = _read_json(os.path.join(run.workdir, "sweep_run.json"))
   if info is not None:
     row["wall_seconds"] = round(info["wall_seconds"], 1)
@@ -292,9 +293,10 @@ def _curves(run: Run) -> dict[str, tuple[list[int], list[float]]]:
                 [r[key] for r in records if r.get(key) is not None]) for key, _ in CURVES}
 
 
-def _last_value(run: Run, key: str) -> Optional[float]:
+def _tail_mean(run: Run, key: str, steps: int = TAIL_STEPS) -> Optional[float]:
+  """The mean over the last `steps` logged values: one step's 64 questions are a noisy sample."""
   _, values = _curves(run)[key]
-  return values[-1] if values else None
+  return float(np.mean(values[-steps:])) if values else None
 
 
 def write_csv(runs: Sequence[Run], path: str) -> list[dict]:
@@ -307,20 +309,20 @@ def write_csv(runs: Sequence[Run], path: str) -> list[dict]:
   return rows
 
 
-def _mean_sd(values: Sequence[Optional[float]], scale: float = 1.0, signed: bool = False) -> str:
+def _mean_sd(values: Sequence[Optional[float]], scale: float = 1.0, signed: bool = False,
+             fmt: str = ".3f") -> str:
   values = [v * scale for v in values if v is not None]
   if not values:
     return "–"
   sign = "+" if signed else ""
   if len(values) == 1:
-    return f"{values[0]:{sign}.3g}" if scale == 1 else f"{values[0]:{sign}.1f}"
-  fmt = ".3f" if scale == 1 else ".1f"
+    return f"{values[0]:{sign}{fmt}}"
   return f"{np.mean(values):{sign}{fmt}} ± {np.std(values, ddof=1):{fmt}}"
 
 
 def write_markdown(runs: Sequence[Run], rows: Sequence[dict], path: str) -> None:
   """Per arm: mean ± sample sd over its finished seeds."""
-  lines = ["| arm | seeds | base | final | gain (points) | pseudo-label accuracy | wall s |",
+  lines = ["| arm | seeds | base | final | gain (points) | pseudo-label accuracy, last 10 steps | wall s |",
            "|---|---|---|---|---|---|---|"]
   arms = list(dict.fromkeys(run.arm for run in runs))
   for arm in arms:
@@ -328,9 +330,9 @@ def write_markdown(runs: Sequence[Run], rows: Sequence[dict], path: str) -> None
     column = lambda key: [row.get(key) for row in arm_rows]
     lines.append(f"| {arm} | {len(arm_rows)} | {_mean_sd(column('base_accuracy'))} | "
                  f"{_mean_sd(column('final_accuracy'))} | "
-                 f"{_mean_sd(column('gain'), 100.0, signed=True)} | "
+                 f"{_mean_sd(column('gain'), 100.0, signed=True, fmt='.1f')} | "
                  f"{_mean_sd(column('pseudo_label_accuracy'))} | "
-                 f"{_mean_sd(column('wall_seconds'), 1.0)} |")
+                 f"{_mean_sd(column('wall_seconds'), fmt='.0f')} |")
   with open(path, "w") as f:
     f.write("\n".join(lines) + "\n")
 

@@ -135,9 +135,24 @@ def test_results_table_is_mean_and_sd_over_seeds(tmp_path):
   sweep.write_markdown(runs, rows, str(tmp_path / "results.md"))
   table = (tmp_path / "results.md").read_text().splitlines()
   assert table[2] == ("| rl.learning_rate=1e-4 | 3 | 0.700 ± 0.000 | 0.900 ± 0.100 | "
-                      "+20.0 ± 10.0 | 0.900 ± 0.000 | 10.000 ± 0.000 |")
+                      "+20.0 ± 10.0 | 0.900 ± 0.000 | 10 ± 0 |")
   assert table[3].startswith("| rl.learning_rate=3e-5 | 2 | 0.700 ± 0.000 | 0.700 ± 0.000 | "
                              "+0.0 ± 0.0 |")
+
+
+def test_pseudo_label_accuracy_is_the_mean_of_the_last_ten_steps(tmp_path):
+  run, = sweep.plan(TINY, [], [0], [], str(tmp_path))
+  os.makedirs(run.workdir)
+  with open(os.path.join(run.workdir, "summary.json"), "w") as f:
+    json.dump({"steps": run.total_steps, "base_accuracy": 0.5, "final_accuracy": 0.6}, f)
+  values = [1.0, 1.0] + [0.5] * 9 + [0.7]  # steps 1..12; the last 10 average 0.52
+  with open(os.path.join(run.workdir, "metrics.jsonl"), "w") as f:
+    for step, value in enumerate(values, 1):
+      f.write(json.dumps({"step": step, "pseudo_label_accuracy": value}) + "\n")
+    f.write(json.dumps({"step": 13, "pseudo_label_accuracy": None}) + "\n")  # nothing checkable
+  row = sweep.run_result(run)
+  assert row["pseudo_label_accuracy"] == pytest.approx(0.52)
+  assert row["gain"] == pytest.approx(0.1)
 
 
 def test_tiny_sweep_writes_results_and_a_rerun_skips_finished_runs(tmp_path, capsys):
