@@ -16,7 +16,9 @@ Their folders and the `arm` column of the results are their names. Further `--co
 apply to every run. Every arm's config is built and checked (unknown keys, values of the wrong
 type, `main.validate`) before anything runs. A run is finished when its summary.json records
 the config's total_steps; rerunning the same command skips finished runs and starts the others
-again with the same command line. `--dry_run` prints those command lines and runs nothing.
+again with the same command line. This is checked again when each run's turn comes, so a run
+that another sweep process on the same folder finished in the meantime is not repeated (two
+processes starting the same unfinished run at once are not prevented). `--dry_run` prints those command lines and runs nothing.
 
 Writes WORKDIR/results.csv (one row per run), WORKDIR/results.md (per arm: mean ± sd over
 seeds) and WORKDIR/sweep.png (held-out greedy accuracy and pseudo-label accuracy against step:
@@ -255,7 +257,10 @@ def execute_all(runs: Sequence[Run], parallel: int, progress_bar: bool = True) -
   with tqdm(total=len(runs), initial=len(runs) - len(todo), desc="sweep runs", unit="run",
             disable=not progress_bar) as bar, \
       concurrent.futures.ThreadPoolExecutor(max(1, parallel)) as pool:
-    futures = {pool.submit(execute, run): run for run in todo}
+    # Checked again when a run's turn comes: another sweep process on the same folder (another
+    # machine's, or one started with other arms) may have finished it in the meantime.
+    futures = {pool.submit(lambda run: 0 if is_finished(run) else execute(run), run): run
+               for run in todo}
     for future in concurrent.futures.as_completed(futures):
       run = futures[future]
       if future.result() != 0 or not is_finished(run):

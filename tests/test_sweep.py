@@ -126,6 +126,23 @@ def test_rerun_starts_only_unfinished_runs(tmp_path, monkeypatch):
   assert {r.workdir for r in failed} == {r.workdir for r in started}  # they wrote no summary
 
 
+def test_a_run_finished_elsewhere_meanwhile_is_not_started_again(tmp_path, monkeypatch):
+  first, second = sweep.plan(TINY, [], [0, 1], [], str(tmp_path))
+
+  def finish(run, also=()):
+    for done in (run, *also):
+      os.makedirs(done.workdir, exist_ok=True)
+      with open(os.path.join(done.workdir, "summary.json"), "w") as f:
+        json.dump({"steps": done.total_steps}, f)
+    started.append(run)
+    return 0
+
+  started = []  # the first run's turn also sees another process finish the second
+  monkeypatch.setattr(sweep, "execute", lambda run: finish(run, also=[second]))
+  assert sweep.execute_all([first, second], parallel=1, progress_bar=False) == []
+  assert started == [first]
+
+
 def test_results_table_is_mean_and_sd_over_seeds(tmp_path):
   runs = sweep.plan(TINY, [("rl.learning_rate", ["1e-4", "3e-5"])], [0, 1, 2], [], str(tmp_path))
   rows = [{"seed": r.seed, "base_accuracy": 0.7, "final_accuracy": f, "gain": f - 0.7,
