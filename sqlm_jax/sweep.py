@@ -18,7 +18,8 @@ type, `main.validate`) before anything runs. A run is finished when its summary.
 the config's total_steps; rerunning the same command skips finished runs and starts the others
 again with the same command line. This is checked again when each run's turn comes, so a run
 that another sweep process on the same folder finished in the meantime is not repeated (two
-processes starting the same unfinished run at once are not prevented). `--dry_run` prints those command lines and runs nothing.
+processes starting the same unfinished run at once are not prevented). `--dry_run` prints those command lines and runs nothing; `--report` writes the results of the runs
+finished so far and runs nothing.
 
 Writes WORKDIR/results.csv (one row per run), WORKDIR/results.md (per arm: mean ± sd over
 seeds) and WORKDIR/sweep.png (held-out greedy accuracy and pseudo-label accuracy against step:
@@ -400,6 +401,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--parallel", type=int, default=1, help="runs at a time")
   parser.add_argument("--dry_run", action="store_true",
                       help="print one command line per run and run nothing")
+  parser.add_argument("--report", action="store_true",
+                      help="write results.csv, results.md and sweep.png from the runs so far and "
+                      "run nothing (e.g. while the sweep is still running elsewhere)")
   parser.add_argument("--no_progress_bar", action="store_true")
   args, rest = parser.parse_known_args(argv)
   try:
@@ -413,6 +417,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   if args.dry_run:
     for run in runs:
       print(shlex.join(run.command()))
+    return 0
+  if args.report:
+    write_results(runs, args.workdir)
+    print(f"results of {sum(is_finished(run) for run in runs)} finished runs of {len(runs)}: "
+          f"{os.path.join(args.workdir, 'results.csv')}, results.md, sweep.png")
     return 0
   finished = sum(is_finished(run) for run in runs)
   print(f"{len(runs)} runs ({finished} already finished) in {args.workdir}", flush=True)

@@ -143,6 +143,25 @@ def test_a_run_finished_elsewhere_meanwhile_is_not_started_again(tmp_path, monke
   assert started == [first]
 
 
+def test_report_writes_the_results_so_far_and_runs_nothing(tmp_path, monkeypatch, capsys):
+  workdir = tmp_path / "sweep"
+  argv = ["--config", TINY, "--workdir", str(workdir), "--arm", "full:", "--arm",
+          "frozen:proposer_update_every=1000000", "--seeds", "0,1"]
+  finished = sweep.plan(TINY, [], [0, 1], [], str(workdir),
+                        [("full", []), ("frozen", [("proposer_update_every", "1000000")])])[2]
+  os.makedirs(finished.workdir)
+  with open(os.path.join(finished.workdir, "summary.json"), "w") as f:
+    json.dump({"steps": finished.total_steps, "base_accuracy": 0.5, "final_accuracy": 0.75}, f)
+  monkeypatch.setattr(sweep, "execute", lambda run: pytest.fail(f"started {run.workdir}"))
+  assert sweep.main([*argv, "--report"]) == 0
+  assert "results of 1 finished runs of 4" in capsys.readouterr().out
+  with open(workdir / "results.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert [(r["arm"], r["seed"], r["gain"]) for r in rows] == [
+      ("full", "0", ""), ("full", "1", ""), ("frozen", "0", "0.25"), ("frozen", "1", "")]
+  assert "| frozen | 1 | 0.500 | 0.750 | +25.0 |" in (workdir / "results.md").read_text()
+
+
 def test_results_table_is_mean_and_sd_over_seeds(tmp_path):
   runs = sweep.plan(TINY, [("rl.learning_rate", ["1e-4", "3e-5"])], [0, 1, 2], [], str(tmp_path))
   rows = [{"seed": r.seed, "base_accuracy": 0.7, "final_accuracy": f, "gain": f - 0.7,
