@@ -369,7 +369,7 @@ def draw_sweep(runs: Sequence[Run], path: str) -> str:
     ax.set(title=title, xlabel="step", ylim=(-0.02, 1.02))
     if ax.has_data():
       ax.legend(loc="lower left", fontsize=7)
-  fig.suptitle(f"Sweep: {os.path.abspath(os.path.dirname(path))} (band: lowest to highest seed)",
+  fig.suptitle(f"Sweep: {os.path.dirname(path)} (band: lowest to highest seed)",
                fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=90)
