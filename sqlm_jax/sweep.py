@@ -18,8 +18,9 @@ type, `main.validate`) before anything runs. A run is finished when its summary.
 the config's total_steps; rerunning the same command skips finished runs and starts the others
 again with the same command line. This is checked again when each run's turn comes, so a run
 that another sweep process on the same folder finished in the meantime is not repeated (two
-processes starting the same unfinished run at once are not prevented). `--dry_run` prints those command lines and runs nothing; `--report` writes the results of the runs
-finished so far and runs nothing.
+processes starting the same unfinished run at once are not prevented). `--dry_run` prints those
+command lines and runs nothing; `--report` writes the results of the runs finished so far and
+runs nothing.
 
 Writes WORKDIR/results.csv (one row per run), WORKDIR/results.md (per arm: mean ± sd over
 seeds) and WORKDIR/sweep.png (held-out greedy accuracy and pseudo-label accuracy against step:
@@ -59,8 +60,8 @@ class SweepError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class Run:
   arm: str  # folder name of the arm
-  grid: tuple[tuple[str, str], ...]  # the results' columns: ("arm", NAME) for a named arm, then
-  # (key, value) of the grid, in --grid order
+  columns: tuple[tuple[str, str], ...]  # the arm's results columns: ("arm", NAME) for a named
+  # arm, then (key, value) of the grid, in --grid order
   seed: int
   workdir: str
   total_steps: int
@@ -190,7 +191,9 @@ def plan(config_path: str, grids: Sequence[tuple[str, list[str]]], seeds: Sequen
   for (name, named), values in itertools.product(arms or [(None, [])],
                                                  itertools.product(*(v for _, v in grids))):
     grid = tuple(zip(keys, values))
-    arm = name if name and not grid else f"{name},{arm_name(grid)}" if name else arm_name(grid)
+    arm = arm_name(grid)  # "default" without a grid
+    if name:
+      arm = f"{name},{arm}" if grid else name
     if arm in names:
       raise SweepError(f"arms {names[arm]} and {grid} need the same folder name {arm!r}.")
     names[arm] = grid
@@ -276,7 +279,7 @@ def execute_all(runs: Sequence[Run], parallel: int, progress_bar: bool = True) -
 
 def run_result(run: Run) -> dict:
   """One CSV row: the grid values, the seed and the run's outcome (blank where unfinished)."""
-  row = {**dict(run.grid), "seed": run.seed}
+  row = {**dict(run.columns), "seed": run.seed}
   summary = _read_json(os.path.join(run.workdir, "summary.json")) if is_finished(run) else None
   if summary is not None:
     row["base_accuracy"] = summary["base_accuracy"]
@@ -306,7 +309,7 @@ def _tail_mean(run: Run, key: str, steps: int = TAIL_STEPS) -> Optional[float]:
 
 
 def write_csv(runs: Sequence[Run], path: str) -> list[dict]:
-  keys = list(dict(runs[0].grid)) if runs else []
+  keys = list(dict(runs[0].columns)) if runs else []
   rows = [run_result(run) for run in runs]
   with open(path, "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=[*keys, *RESULT_FIELDS])
@@ -328,7 +331,8 @@ def _mean_sd(values: Sequence[Optional[float]], scale: float = 1.0, signed: bool
 
 def write_markdown(runs: Sequence[Run], rows: Sequence[dict], path: str) -> None:
   """Per arm: mean ± sample sd over its finished seeds."""
-  lines = ["| arm | seeds | base | final | gain (points) | pseudo-label accuracy, last 10 steps | wall s |",
+  lines = ["| arm | seeds | base | final | gain (points) | pseudo-label accuracy, last 10 steps "
+           "| wall s |",
            "|---|---|---|---|---|---|---|"]
   arms = list(dict.fromkeys(run.arm for run in runs))
   for arm in arms:
@@ -418,12 +422,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for run in runs:
       print(shlex.join(run.command()))
     return 0
+  finished = sum(is_finished(run) for run in runs)
   if args.report:
     write_results(runs, args.workdir)
-    print(f"results of {sum(is_finished(run) for run in runs)} finished runs of {len(runs)}: "
+    print(f"results of {finished} finished runs of {len(runs)}: "
           f"{os.path.join(args.workdir, 'results.csv')}, results.md, sweep.png")
     return 0
-  finished = sum(is_finished(run) for run in runs)
   print(f"{len(runs)} runs ({finished} already finished) in {args.workdir}", flush=True)
   prepare_heldout(runs)
   failed = execute_all(runs, args.parallel, progress_bar=not args.no_progress_bar)

@@ -55,8 +55,9 @@ def test_named_arms_change_one_thing_each_and_combine_with_a_grid(tmp_path, caps
   assert {"--config.rewards.proposer_min_margin=3", "--config.rewards.solver_min_margin=3",
           "--config.rl.learning_rate=3e-5", "--config.seed=1", "--config.total_steps=7"} <= guard
   assert folders[-1] == str(workdir / "guard,rl.learning_rate=3e-5" / "seed1")
-  runs = sweep.plan(TINY, [], [0], [], str(workdir), [sweep.parse_arm("frozen:proposer_update_every=9")])
-  assert runs[0].arm == "frozen" and runs[0].grid == (("arm", "frozen"),)
+  runs = sweep.plan(TINY, [], [0], [], str(workdir),
+                    [sweep.parse_arm("frozen:proposer_update_every=9")])
+  assert runs[0].arm == "frozen" and runs[0].columns == (("arm", "frozen"),)
   rows = sweep.write_csv(runs, str(tmp_path / "results.csv"))
   assert rows == [{"arm": "frozen", "seed": 0}]
   assert (tmp_path / "results.csv").read_text().startswith("arm,seed,base_accuracy,")
@@ -88,7 +89,8 @@ def test_bad_arms_are_refused_by_name_before_anything_runs(tmp_path, capsys, arg
     (["--config.rl.learnin_rate=3"], "config.rl.learnin_rate is not a config key"),
     (["--grid", "seed=1,2"], "--seeds"),
     (["--grid", "rl.kl_coef"], "--grid 'rl.kl_coef' is not KEY=VALUE"),
-    (["--grid", "rl.kl_coef=0", "--config.rl.kl_coef=0.1"], "both a --grid or --arm key and a --config"),
+    (["--grid", "rl.kl_coef=0", "--config.rl.kl_coef=0.1"],
+     "both a --grid or --arm key and a --config"),
     (["--seeds", "0,x"], "--seeds '0,x'"),
 ])
 def test_bad_grid_keys_and_values_are_refused_by_name_before_anything_runs(tmp_path, capsys,
