@@ -6,8 +6,9 @@ Samples N answers at the tiny config's temperature for addition questions with 3
 operands (where the base's votes split), and scores each signal by how well it ranks the
 questions whose majority is right above those whose majority is wrong (AUC; 0.5 = no
 information): k, the vote margin (rewards.vote_margin), split-half agreement
-(rewards.split_half_agreement), and agreement of the greedy answer with the majority (one extra
-decode per question). Then P(majority right) among the questions the sqlm band (1 < k < N)
+(rewards.split_half_agreement), agreement of the greedy answer with the majority (one extra
+decode per question), and agreement of the majority with the majority of the question re-asked
+with its operands swapped ("b+a" for "a+b": a paraphrase with the same answer; N extra samples). Then P(majority right) among the questions the sqlm band (1 < k < N)
 pays, for each minimum margin, and the share of those questions each keeps. The truth is read
 only here, to judge the signals.
 """
@@ -58,6 +59,11 @@ def main():
   greedy = evaluation.solve(params, sampler, tokenizer, task, texts, jax.random.key(1),
                             num_samples=1, temperature=0.0,
                             max_new_tokens=c.rollout.max_answer_tokens, batch_size=512)
+  swapped_texts = [tiny_addition.format_question(*reversed(tiny_addition.operands(t)))
+                   for t in texts]
+  swapped = evaluation.solve(params, sampler, tokenizer, task, swapped_texts, jax.random.key(2),
+                             num_samples=n, temperature=c.rollout.temperature,
+                             max_new_tokens=c.rollout.max_answer_tokens, batch_size=64)
   ids = answer_ids(sampled)
   majority = evaluation.majority_answers(sampled)
   right = np.array([m is not None and m == task.true_answer(p)
@@ -67,7 +73,9 @@ def main():
   signals = {"k": k, "margin": margin,
              "split_half": np.asarray(rewards.split_half_agreement(ids)),
              "greedy_agrees": np.array([g[0] is not None and g[0] == m
-                                        for g, m in zip(greedy, majority)])}
+                                        for g, m in zip(greedy, majority)]),
+             "swap_agrees": np.array([m is not None and m == s for m, s in
+                                      zip(majority, evaluation.majority_answers(swapped))])}
   band = (k > 1) & (k < n)
   print(f"{args.questions} questions, N = {n}, T = {c.rollout.temperature}: majority right "
         f"{right.mean():.3f}; in the band 1 < k < N: {band.mean():.3f}")
@@ -81,7 +89,7 @@ def main():
   for m in range(6):
     kept = band & (margin >= m)
     print(f"  m={m}: {kept.sum() / max(band.sum(), 1):.2f}  {right[kept].mean():.3f}")
-  for name in ("split_half", "greedy_agrees"):
+  for name in ("split_half", "greedy_agrees", "swap_agrees"):
     kept = band & signals[name]
     print(f"  band and {name}: {kept.sum() / max(band.sum(), 1):.2f}  {right[kept].mean():.3f}")
 

@@ -86,6 +86,12 @@ def base_config() -> ml_collections.ConfigDict:
   # 0 = off (today's rewards exactly). No extra samples: array code over the same [Q, N] votes.
   c.rewards.proposer_min_margin = 0
   c.rewards.solver_min_margin = 0
+  # The paraphrase guard (README "Ablations"): the solver also answers each question re-asked
+  # in another form with the same answer (Task.paraphrase; tiny_addition: the operands
+  # swapped), N more samples that only vote. Where the two majorities differ, "proposer" pays
+  # the proposer 0 and "both" also rewards none of the question's answers. "off" = today's
+  # rewards exactly.
+  c.rewards.paraphrase_guard = "off"  # off | proposer | both
 
   c.rl = rl.default_config()  # Loss, advantages, optimizer: documented in rl.default_config.
   c.rl.learning_rate = 1e-6

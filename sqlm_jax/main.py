@@ -47,6 +47,7 @@ def validate(config) -> None:
   _choice(config, "rewards.proposer_shape", rewards.PROPOSER_SHAPES)
   _choice(config, "rewards.solver_reward", rewards.SOLVER_REWARDS)
   _choice(config, "task.question_source", ("proposer", "fixed"))
+  _choice(config, "rewards.paraphrase_guard", ("off", "proposer", "both"))
   _choice(config, "rl.advantage_estimator", rl.ADVANTAGE_ESTIMATORS)
   _choice(config, "rl.kl_estimator", rl.KL_ESTIMATORS)
   _choice(config, "rl.loss_agg", rl.LOSS_AGGREGATIONS)
@@ -114,7 +115,8 @@ def validate(config) -> None:
 
 
 def check_task_options(config) -> None:
-  """Options that need something of the task: a question generator, or a vote to guard."""
+  """Options that need something of the task: a question generator, a vote to guard, a
+  paraphrase."""
   from sqlm_jax.selfplay import make_task
   task, _ = make_task(config)
   if config.task.question_source == "fixed" and task.generate_question is None:
@@ -126,6 +128,11 @@ def check_task_options(config) -> None:
       if _get(config, key):
         raise ConfigError(f"config.{key}={_get(config, key)} guards a majority vote; task "
                           f"{task.name!r} scores answers by tests, so set it to 0.")
+  guard = config.rewards.paraphrase_guard
+  if guard != "off" and (task.paraphrase is None or task.reward_kind != "vote"):
+    raise ConfigError(f"config.rewards.paraphrase_guard={guard!r} needs a task that can re-ask a "
+                      f"question in another form and votes on answers; task {task.name!r} "
+                      "cannot, so set it to 'off' (tiny_addition can).")
 
 
 def check_context_length(config) -> None:

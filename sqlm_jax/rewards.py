@@ -117,14 +117,20 @@ def confident_majority(answer_ids, min_margin, invalid_votes=False):
       answer_ids, invalid_votes)[2]
 
 
+def majorities_agree(answer_ids, other_ids, invalid_votes=False):
+  """bool [Q]: both votes have a majority, and it is the same answer. The ids of a row of the
+  two must come from one numbering (math_answers.answer_ids over the two rows joined)."""
+  first, _, has_first = majority_vote(answer_ids, invalid_votes)
+  second, _, has_second = majority_vote(other_ids, invalid_votes)
+  return has_first & has_second & (first == second)
+
+
 def split_half_agreement(answer_ids):
   """bool [Q]: the majority of the first N // 2 answers equals that of the last N // 2 (both
   exist): the vote's stability across two independent rounds of half the size. For diagnostics."""
   answer_ids = jnp.asarray(answer_ids)
   half = answer_ids.shape[1] // 2
-  first, _, has_first = majority_vote(answer_ids[:, :half])
-  second, _, has_second = majority_vote(answer_ids[:, half:2 * half])
-  return has_first & has_second & (first == second)
+  return majorities_agree(answer_ids[:, :half], answer_ids[:, half:2 * half])
 
 
 def solver_reward(answer_ids, min_votes=1, break_ties=True, invalid_votes=False):

@@ -307,15 +307,17 @@ def gae_batch(batch, values, *, gamma, lam):
 @functools.partial(jax.jit, static_argnames=("centre", "width", "eps", "shape", "estimator",
                                              "min_votes", "break_ties", "invalid_votes", "ddof",
                                              "solver_reward", "proposer_min_margin",
-                                             "solver_min_margin"))
+                                             "solver_min_margin", "paraphrase_guard"))
 def vote_signals(ids, centre, width, eps, *, shape, estimator, min_votes, break_ties,
                  invalid_votes=False, ddof=0, solver_reward="majority", proposer_min_margin=0,
-                 solver_min_margin=0, key=None):
+                 solver_min_margin=0, paraphrase_guard="off", paraphrase_agrees=None, key=None):
   """answer ids [Q, N] -> majority id [Q], k [Q], solver reward [Q, N], proposer reward [Q],
   solver advantages [Q, N] (the N answers of a question are one group).
 
   The margin guard (0 = off): a question whose majority leads the runner-up by fewer than
   proposer_min_margin votes pays the proposer 0, by fewer than solver_min_margin rewards no
+  answer. The paraphrase guard: where paraphrase_agrees [Q] is False (the question re-asked in
+  another form got another majority), "proposer" pays the proposer 0 and "both" also rewards no
   answer. solver_reward="random" hands each question's rewards to random valid answers (`key`)
   and the advantages follow; the proposer is still paid from the real vote's k, so the control
   changes only what the solver learns from, not the questions it is asked.
@@ -327,6 +329,10 @@ def vote_signals(ids, centre, width, eps, *, shape, estimator, min_votes, break_
     solver_r *= rewards.confident_majority(ids, solver_min_margin, invalid_votes)[:, None]
   if proposer_min_margin > 0:
     proposer_r *= rewards.confident_majority(ids, proposer_min_margin, invalid_votes)
+  if paraphrase_guard != "off":
+    proposer_r *= paraphrase_agrees
+  if paraphrase_guard == "both":
+    solver_r *= paraphrase_agrees[:, None]
   if solver_reward == "random":
     solver_r = rewards.random_solver_reward(key, solver_r, ids >= 0)
   return majority_id, k, solver_r, proposer_r, rl.group_advantages(solver_r, estimator, eps,
@@ -348,11 +354,14 @@ def test_signals(passes, test_mask, centre, width, eps, *, shape, estimator, ddo
   return solver_r, proposer_r, rl.group_advantages(solver_r, estimator, eps, ddof=ddof)
 
 
-def score(s: Setup, questions: list[Proposal], answers: list[list], key: jax.Array):
-  """Answers -> majority answers [Q], k [Q], solver rewards [Q, N], proposer rewards [Q] and
-  solver advantages [Q, N] (under GAE the rewards: the critic makes the advantages)."""
+def score(s: Setup, questions: list[Proposal], answers: list[list], key: jax.Array,
+          paraphrase_answers: Optional[list[list]] = None):
+  """Answers -> majority answers [Q], k [Q], solver rewards [Q, N], proposer rewards [Q],
+  solver advantages [Q, N] (under GAE the rewards: the critic makes the advantages) and, with
+  the paraphrase guard, whether each question's paraphrase got the same majority [Q] (else
+  None)."""
   c, n, q = s.config, s.config.rollout.answers_per_question, len(questions)
-  gae = c.rl.advantage_estimator == "gae"
+  gae, agrees = c.rl.advantage_estimator == "gae", None
   shape = dict(shape=c.rewards.proposer_shape, centre=c.rewards.gaussian_centre,
                width=c.rewards.gaussian_width, eps=c.rl.advantage_eps, ddof=c.rl.std_ddof,
                estimator="grpo" if gae else c.rl.advantage_estimator,
@@ -367,19 +376,30 @@ def score(s: Setup, questions: list[Proposal], answers: list[list], key: jax.Arr
     k = (np.asarray(solver_r) == 1.0).sum(-1)
     majority = [None] * q
   else:
-    ids = np.full((rows, n), -1, np.int32)
-    ids[:q] = answer_ids(answers) if q else ids[:0]
+    guard = c.rewards.paraphrase_guard
+    if guard != "off":  # One numbering for the answers to a question and to its paraphrase.
+      answers_and_paraphrases = [a + b for a, b in zip(answers, paraphrase_answers)]
+    else:
+      answers_and_paraphrases = answers
+    ids = np.full((rows, n if guard == "off" else 2 * n), -1, np.int32)
+    ids[:q] = answer_ids(answers_and_paraphrases) if q else ids[:0]
+    ids, paraphrase_ids = ids[:, :n], ids[:, n:]
+    if guard != "off":
+      agrees = np.asarray(rewards.majorities_agree(ids, paraphrase_ids,
+                                                   c.rewards.invalid_answers_vote))
     majority_id, k, solver_r, proposer_r, solver_adv = vote_signals(
         ids, min_votes=c.rewards.min_votes, break_ties=c.rewards.break_ties,
         invalid_votes=c.rewards.invalid_answers_vote,
         proposer_min_margin=c.rewards.proposer_min_margin,
-        solver_min_margin=c.rewards.solver_min_margin, **shape)
+        solver_min_margin=c.rewards.solver_min_margin, paraphrase_guard=guard,
+        paraphrase_agrees=agrees, **shape)
     majority_id = np.asarray(majority_id)
     majority = [row[list(ids[i]).index(majority_id[i])] if majority_id[i] >= 0 else None
                 for i, row in enumerate(answers)]
   k, solver_r, proposer_r, solver_adv = (np.asarray(x)[:q] for x in (k, solver_r, proposer_r,
                                                                       solver_adv))
-  return majority, k, solver_r, proposer_r, (solver_r if gae else solver_adv)
+  return (majority, k, solver_r, proposer_r, (solver_r if gae else solver_adv),
+          None if agrees is None else agrees[:q])
 
 
 def fixed_questions(config, task: Task, step: int) -> list[Proposal]:
@@ -437,9 +457,13 @@ def train_step(s: Setup, state: RunState, key: jax.Array) -> tuple[RunState, dic
   valid = np.array([p.valid for p in proposals])
   questions = [p for p in proposals if p.valid]  # [Q]
   solver_prompts = [encode_chat(tok, task.solver_messages(p)) for p in questions]
+  if c.rewards.paraphrase_guard != "off":  # Each question re-asked; its answers only vote.
+    solver_prompts += [encode_chat(tok, task.solver_messages(task.paraphrase(p)))
+                       for p in questions]
   times["host_parse"] = time.perf_counter() - t0
 
-  # 3. Solve: N answers per question from one shared prefill.
+  # 3. Solve: N answers per question (and per paraphrase, with the guard) from one shared
+  #    prefill.
   t0 = time.perf_counter()
   answers_out = None
   if questions:
@@ -453,11 +477,15 @@ def train_step(s: Setup, state: RunState, key: jax.Array) -> tuple[RunState, dic
   t0 = time.perf_counter()
   q = len(questions)
   answer_texts = evaluation.decode_rows(tok, answers_out) if questions else []
-  answers = [[task.extract_answer(t) for t in answer_texts[i * n:(i + 1) * n]] for i in range(q)]
-  majority, k, solver_r, proposer_r, solver_adv = score(s, questions, answers,
-                                                        jax.random.fold_in(key, 2))
+  extracted = [[task.extract_answer(t) for t in answer_texts[i * n:(i + 1) * n]]
+               for i in range(len(solver_prompts))]
+  answers, paraphrase_answers = extracted[:q], extracted[q:]
+  majority, k, solver_r, proposer_r, solver_adv, agrees = score(
+      s, questions, answers, jax.random.fold_in(key, 2), paraphrase_answers)
   m.update(score_metrics(s, state, proposals, questions, answers, majority, solver_r, proposer_r,
                          k, answers_out, proposals_out))
+  if agrees is not None:
+    m["paraphrase_agreement"] = float(agrees.mean()) if q else None
   times["host_score"] = time.perf_counter() - t0
 
   # 5. Update: solver groups are the N answers of a question; proposer groups the M proposals

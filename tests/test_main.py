@@ -109,6 +109,10 @@ def test_the_lr_schedule_ends_with_the_run_unless_told_otherwise():
     (["--config.rewards.solver_reward=coin"],
      "config.rewards.solver_reward='coin' is not one of: majority, random."),
     (["--config.rewards.proposer_min_margin=-1"], "config.rewards.proposer_min_margin=-1"),
+    (["--config.rewards.paraphrase_guard=both"],
+     "config.rewards.paraphrase_guard='both' needs a task that can re-ask a question"),
+    (["--config.rewards.paraphrase_guard=on"],
+     "config.rewards.paraphrase_guard='on' is not one of: off, proposer, both."),
 ])
 def test_ablation_controls_are_checked(qwen2_dir, args, expected):
   result = run_main("--config", "configs/algebra.py", f"--config.model.path={qwen2_dir}", *args,

@@ -230,3 +230,11 @@ def test_split_half_agreement_hand_cases():
   ])
   np.testing.assert_array_equal(jax.jit(rewards.split_half_agreement)(ids),
                                 [True, False, False, False])
+
+
+def test_majorities_agree_hand_cases():
+  ids = np.array([[0, 0, 1, 2], [0, 1, 1, 1], [0, 0, 1, -1], [-1, -1, -1, -1]])
+  other = np.array([[0, 0, 0, 3], [0, 0, 0, 1], [-1, -1, -1, -1], [0, 0, 0, 0]])
+  # Same majority; another one; the other has none; this one has none.
+  np.testing.assert_array_equal(jax.jit(rewards.majorities_agree)(ids, other),
+                                [True, False, False, False])

@@ -286,3 +286,58 @@ def test_margin_guard_on_a_hand_worked_batch():
   np.testing.assert_array_equal(solver_r[1], off[2][1])  # the confident one is unchanged
   only_proposer = selfplay.vote_signals(ids, 0.5, 0.2, 1e-6, proposer_min_margin=2, **VOTE)
   np.testing.assert_array_equal(only_proposer[2], off[2])
+
+
+def test_paraphrase_guard_on_a_hand_worked_batch():
+  ids = np.array([[0, 0, 1, 2], [0, 0, 0, 1], [3, 3, 1, 1]], np.int32)  # all in the band
+  agrees = np.array([True, False, True])
+  off = selfplay.vote_signals(ids, 0.5, 0.2, 1e-6, **VOTE)
+  for a, b in zip(off, selfplay.vote_signals(ids, 0.5, 0.2, 1e-6, paraphrase_guard="off",
+                                             paraphrase_agrees=agrees, **VOTE)):
+    np.testing.assert_array_equal(a, b)
+  proposer = selfplay.vote_signals(ids, 0.5, 0.2, 1e-6, paraphrase_guard="proposer",
+                                   paraphrase_agrees=agrees, **VOTE)
+  np.testing.assert_array_equal(off[3], [1, 1, 1])
+  np.testing.assert_array_equal(proposer[3], [1, 0, 1])
+  np.testing.assert_array_equal(proposer[2], off[2])  # the solver still trains on every group
+  both = selfplay.vote_signals(ids, 0.5, 0.2, 1e-6, paraphrase_guard="both",
+                               paraphrase_agrees=agrees, **VOTE)
+  np.testing.assert_array_equal(both[3], [1, 0, 1])
+  np.testing.assert_array_equal(both[2][1], 0)
+  np.testing.assert_array_equal(both[4][1], 0)  # the disagreeing group trains nothing
+  np.testing.assert_array_equal(np.asarray(both[2])[[0, 2]], np.asarray(off[2])[[0, 2]])
+
+
+def paraphrasing_task() -> Task:
+  """The permissive topic whose paraphrase of a question is its text reversed."""
+  return dataclasses.replace(permissive_task(),
+                             paraphrase=lambda p: Proposal(p.question[::-1]))
+
+
+def test_paraphrase_guard_asks_every_question_twice_and_pays_only_agreement(qwen2_dir,
+                                                                          monkeypatch):
+  monkeypatch.setattr(selfplay, "make_task", lambda config: (paraphrasing_task(), "topic"))
+  config = tiny_config(qwen2_dir, **{"rewards.paraphrase_guard": "both",
+                                     "rewards.proposer_shape": "sqlm_paper"})
+  s, state = selfplay.setup(config)
+  calls, scored = [], []
+  sampler, score = s.samplers["solver"], selfplay.score
+
+  def counting_sampler(params, prompts, *args, **kwargs):
+    calls.append(len(prompts))
+    return sampler(params, prompts, *args, **kwargs)
+
+  def keeping_score(*args, **kwargs):
+    scored.append(score(*args, **kwargs))
+    return scored[-1]
+
+  s.samplers["solver"] = counting_sampler
+  monkeypatch.setattr(selfplay, "score", keeping_score)
+  _, metrics, _ = selfplay.train_step(s, state, jax.random.key(1))
+  q = metrics["num_questions"]
+  assert q > 0 and calls == [2 * q]  # each question and its paraphrase, in one sampler call
+  _, _, solver_r, proposer_r, _, agrees = scored[0]
+  assert agrees.shape == (q,) and metrics["paraphrase_agreement"] == pytest.approx(agrees.mean())
+  assert (~agrees).any()  # the guard has something to hold back
+  assert (proposer_r[~agrees] == 0).all() and (solver_r[~agrees] == 0).all()
+  assert metrics["solver/sequences"] == q * 4  # the paraphrases' answers only vote

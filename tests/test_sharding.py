@@ -47,11 +47,18 @@ def test_rules_overrides_from_the_config():
     sharding.rules_from_config({"embed": "model"})
 
 
-def test_mesh_suite_on_8_fake_devices():
-  """tests/mesh/: forward, sampling and updates on five meshes, split roles, two processes."""
+MESH_FILES = sorted(f for f in os.listdir(os.path.join(ROOT, "tests", "mesh"))
+                    if f.startswith("test_") and f.endswith(".py"))
+
+
+@pytest.mark.parametrize("name", MESH_FILES)
+def test_mesh_suite_on_8_fake_devices(name):
+  """tests/mesh/: forward, sampling and updates on five meshes, split roles, two processes.
+
+  One subprocess per file, so that `pytest -n` runs them side by side."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
   result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           "tests/mesh"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=1500)
+                           os.path.join("tests", "mesh", name)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=1500)
   assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
   assert " passed" in result.stdout and "skipped" not in result.stdout

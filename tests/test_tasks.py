@@ -232,3 +232,17 @@ def test_arithmetic_generated_questions_parse_and_solve_like_proposals():
 def test_tasks_without_a_generator_say_so():
   assert get_task("algebra").generate_question is None
   assert get_task("generic").generate_question is None
+
+
+def test_tiny_addition_paraphrase_swaps_the_operands_and_keeps_the_answer():
+  import random
+  from sqlm_jax.tasks import tiny_addition
+  task = get_task("tiny_addition")
+  rng = random.Random(0)
+  for _ in range(200):
+    question = task.generate_question(rng)
+    swapped = task.paraphrase(question)
+    a, b = tiny_addition.operands(question.question)
+    assert swapped.valid and tiny_addition.operands(swapped.question) == (b, a)
+    assert task.true_answer(swapped) == task.true_answer(question)
+  assert get_task("algebra").paraphrase is None and get_task("arithmetic").paraphrase is None

@@ -49,3 +49,6 @@ class Task:
   # for proposer output, from a host-side random.Random that the caller seeds. None = the task
   # has none.
   generate_question: Optional[Callable[[random.Random], Proposal]] = None
+  # The same question in another form with the same true answer (tiny_addition: "b+a" for
+  # "a+b"), for the paraphrase guard (rewards.paraphrase_guard). None = the task has none.
+  paraphrase: Optional[Callable[[Proposal], Proposal]] = None

@@ -110,6 +110,12 @@ def generate_question(rng: random.Random) -> Proposal:
   return parse_proposal(format_question(a, b))
 
 
+def paraphrase(proposal: Proposal) -> Proposal:
+  """The question with its operands swapped: "b+a" has the answer of "a+b"."""
+  a, b = operands(proposal.question)
+  return parse_proposal(format_question(b, a))
+
+
 TASK = Task(
     name="tiny_addition",
     reward_kind="vote",
@@ -121,4 +127,5 @@ TASK = Task(
     difficulty=difficulty,
     default_topic=DEFAULT_TOPIC,
     generate_question=generate_question,
+    paraphrase=paraphrase,
 )
