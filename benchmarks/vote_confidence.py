@@ -92,6 +92,11 @@ def main():
   for name in ("split_half", "greedy_agrees", "swap_agrees"):
     kept = band & signals[name]
     print(f"  band and {name}: {kept.sum() / max(band.sum(), 1):.2f}  {right[kept].mean():.3f}")
+  unanimous = k == n  # Out of the band: no margin tells a wrong unanimous vote from a right one.
+  kept = unanimous & signals["swap_agrees"]
+  print(f"unanimous (k = N): {unanimous.sum()} questions, P(majority right) "
+        f"{right[unanimous].mean():.3f}; those whose swap agrees: "
+        f"{kept.sum() / max(unanimous.sum(), 1):.2f} kept, {right[kept].mean():.3f}")
 
 
 if __name__ == "__main__":
