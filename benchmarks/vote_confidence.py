@@ -59,8 +59,7 @@ def main():
   greedy = evaluation.solve(params, sampler, tokenizer, task, texts, jax.random.key(1),
                             num_samples=1, temperature=0.0,
                             max_new_tokens=c.rollout.max_answer_tokens, batch_size=512)
-  swapped_texts = [tiny_addition.format_question(*reversed(tiny_addition.operands(t)))
-                   for t in texts]
+  swapped_texts = [task.paraphrase(p).question for p in questions]
   swapped = evaluation.solve(params, sampler, tokenizer, task, swapped_texts, jax.random.key(2),
                              num_samples=n, temperature=c.rollout.temperature,
                              max_new_tokens=c.rollout.max_answer_tokens, batch_size=64)
