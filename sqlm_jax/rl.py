@@ -13,8 +13,17 @@ right-padded), as a dict of arrays:
 
 All masks are indexed by the TARGET token: logits at t - 1 predict tokens[:, t], and the
 shift happens in `token_logprobs`. A sample_weight other than 0 / 1 weighs a sequence inside
-a weighted mean (the loss divides by the summed weights, see `loss_normaliser`). The model is
-any `apply_fn(params, tokens, positions, attention_mask) -> logits [B, T, V]`.
+a weighted mean (the loss divides by the summed weights, see `loss_normaliser`).
+
+The model is any `apply_fn(params, tokens, positions, attention_mask)` returning either
+  logits          float32 [B, T, V], or
+  (hidden, head)  the final hidden states [B, T, E] (compute dtype) and the output head [E, V];
+                  rl computes the logits as the model would (`_head_logits`: operands in the
+                  hidden states' dtype, float32 accumulation). Only this form lets log-probs
+                  be taken `logprob_chunk` positions at a time (`chunked_token_logprobs`), so
+                  that no step holds the float32 logits of a whole micro-batch; with logits
+                  they already exist and `logprob_chunk` has nothing to save.
+A value model (objective="value") returns one value per position [B, T] instead.
 
 Padding rows (sample_weight 0) contribute exactly zero gradient as long as the model's
 output for them is finite: pad with copies of a real row, not with all-masked rows, which
@@ -23,6 +32,7 @@ can make attention softmax NaN (and 0 * NaN is NaN in the backward pass).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -90,6 +100,12 @@ def default_config() -> ml_collections.ConfigDict:
     max_completion_length (optional): the constant for "seq_mean_token_sum_norm".
     temperature: sampling temperature; log-probs are taken of logits / temperature so that
       they match the sampler's.
+    logprob_chunk (optional): positions per chunk when log-probs (and the entropy) are taken
+      from an apply_fn that returns (hidden, head) (see the module docstring): a micro-batch
+      then holds one chunk's float32 logits [m, chunk, V] at a time, in the forward and the
+      backward (which recomputes them), instead of [m, T, V] several times over. 0 = the whole
+      sequence at once. Ours; at V = 152k a micro-batch's logits would otherwise dominate
+      training memory. No effect with an apply_fn that returns logits.
     advantage_estimator: "grpo", "rloo", "drgrpo" (see `group_advantages`) or "gae" (PPO
       with a learned value model, see `gae_advantages`; verl's coding run).
     advantage_eps (optional): added to the group std in "grpo" (verl: 1e-6).
@@ -126,6 +142,7 @@ def default_config() -> ml_collections.ConfigDict:
       loss_agg="seq_mean_token_mean",
       max_completion_length=1024,
       temperature=1.0,
+      logprob_chunk=512,
       advantage_estimator="grpo",
       advantage_eps=1e-6,
       std_ddof=0,
@@ -141,7 +158,7 @@ def default_config() -> ml_collections.ConfigDict:
 _OPTIONAL_DEFAULTS = dict(lr_schedule="constant", total_steps=None, final_lr_ratio=0.0,
                           b1=0.9, b2=0.999, adam_eps=1e-8, max_completion_length=None,
                           advantage_eps=1e-6, std_ddof=0, kl_clamp=0.0, ppo_mini_batch_size=0,
-                          ppo_epochs=1, value_clip=0.5)
+                          ppo_epochs=1, value_clip=0.5, logprob_chunk=0)
 
 
 def _field(cfg, name):
@@ -267,20 +284,79 @@ def gae_advantages(token_rewards, values, mask, gamma=1.0, lam=1.0, whiten=True)
 # Log-probs
 
 
+def _target_logprobs(logits, targets, temperature):
+  """(logprobs, entropy), float32 [B, T]: of targets [B, T] under logits [B, T, V] / temperature,
+  position by position (no shift)."""
+  logits = logits.astype(jnp.float32) / temperature
+  log_z = jax.nn.logsumexp(logits, axis=-1)  # [B, T]
+  target = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # [B, T]
+  probs = jnp.exp(logits - log_z[..., None])
+  entropy = log_z - jnp.sum(probs * logits, axis=-1)  # -sum p log p
+  return target - log_z, entropy
+
+
 def token_logprobs(logits, tokens, temperature=1.0):
   """Log-prob and entropy of each target token under logits / temperature.
 
   Returns (logprobs, entropy), both float32 [B, T] aligned with `tokens`: entry t comes
   from the logits at t - 1. Entry 0 has no prediction and is 0.
   """
-  logits = logits[:, :-1].astype(jnp.float32) / temperature  # [B, T-1, V]
-  log_z = jax.nn.logsumexp(logits, axis=-1)  # [B, T-1]
-  target = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]  # [B, T-1]
-  logprobs = target - log_z
-  probs = jnp.exp(logits - log_z[..., None])
-  entropy = log_z - jnp.sum(probs * logits, axis=-1)  # -sum p log p
+  logprobs, entropy = _target_logprobs(logits[:, :-1], tokens[:, 1:], temperature)
   pad = jnp.zeros((tokens.shape[0], 1), jnp.float32)
   return jnp.concatenate([pad, logprobs], axis=1), jnp.concatenate([pad, entropy], axis=1)
+
+
+def _head_logits(hidden, head, layout=None):
+  """float32 logits [B, T, V] of hidden [B, T, E] and head [E, V], as the model makes them
+  (transformer._logits), so that (hidden, head) and logits give the same numbers."""
+  logits = jnp.einsum("bte,ev->btv", hidden, head.astype(hidden.dtype),
+                      preferred_element_type=jnp.float32)
+  return logits if layout is None else layout.constrain(logits, ("batch", "seq", "vocab"))
+
+
+def chunked_token_logprobs(hidden, head, tokens, temperature=1.0, chunk=512, layout=None):
+  """`token_logprobs` of the logits hidden [B, T, E] @ head [E, V], `chunk` positions at a time.
+
+  Chunks run one after another (lax.map) and each is rematerialised (jax.checkpoint): the
+  forward keeps only the chunk's log-probs, and the backward recomputes the chunk's logits
+  from hidden and head instead of storing them, so neither pass holds more than one chunk's
+  float32 logits [B, chunk, V]. T need not be a multiple of chunk (the last chunk is padded).
+  The head's gradient accumulates over chunks in the head's own dtype.
+  """
+  b, t, e = hidden.shape
+  c = min(chunk, t)  # T <= chunk: one chunk of exactly T positions, the unchunked numbers.
+  n = -(-t // c)
+  # The target of position s is tokens[:, s + 1]; the last position's (0) is a dummy, dropped.
+  targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, n * c - t + 1)))  # [B, n c]
+  hidden = jnp.pad(hidden, ((0, 0), (0, n * c - t), (0, 0)))  # [B, n c, E]
+  hidden = jnp.moveaxis(hidden.reshape(b, n, c, e), 1, 0)  # [n, B, c, E]
+  targets = jnp.moveaxis(targets.reshape(b, n, c), 1, 0)  # [n, B, c]
+
+  @functools.partial(jax.checkpoint, prevent_cse=False)  # In a loop, CSE cannot undo the remat.
+  def one(h, y, head):
+    return _target_logprobs(_head_logits(h, head, layout), y, temperature)  # [B, c] each
+
+  out = jax.lax.map(lambda xs: one(*xs, head), (hidden, targets))  # [n, B, c] each
+  pad = jnp.zeros((b, 1), jnp.float32)
+  return tuple(jnp.concatenate([pad, jnp.moveaxis(x, 0, 1).reshape(b, n * c)[:, :t - 1]], axis=1)
+               for x in out)
+
+
+def _model_logprobs(out, tokens, temperature, chunk=0, layout=None):
+  """(logprobs, entropy) [B, T] from apply_fn's output: logits, or (hidden, head)."""
+  if not isinstance(out, tuple):
+    return token_logprobs(out, tokens, temperature)
+  hidden, head = out
+  if chunk > 0:
+    return chunked_token_logprobs(hidden, head, tokens, temperature, chunk, layout)
+  return token_logprobs(_head_logits(hidden, head, layout), tokens, temperature)
+
+
+def _logprob_chunk(value):
+  if isinstance(value, bool) or int(value) != value or value < 0:
+    raise ValueError(f"logprob_chunk={value!r} must be a whole number of positions >= 0 "
+                     "(0 = unchunked); 512 is a good size.")
+  return int(value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -514,14 +590,15 @@ def _split_micro(x, micro_batch_size):
 def make_grad_fn(apply_fn, cfg, micro_batch_size, layout=None, objective="policy"):
   """(params, batch) -> (grads, metrics): the batch-loss gradient, accumulated over micro-batches.
 
-  objective "policy": `policy_loss`, apply_fn gives logits [B, T, V]. "value": the value
-  model's clipped loss (`_value_sums`, always a token mean), apply_fn gives one value per
+  objective "policy": `policy_loss`, apply_fn gives logits [B, T, V] or (hidden, head) (see
+  the module docstring; with the latter, cfg.logprob_chunk positions at a time). "value": the
+  value model's clipped loss (`_value_sums`, always a token mean), apply_fn gives one value per
   position [B, T] (the value after reading that token); the batch holds old_values and returns
   instead of log-probs and advantages (VALUE_BATCH_KEYS).
-  Peak memory is that of one micro-batch's forward and backward (logits [m, T, V]); the
-  result equals the full-batch gradient for every loss_agg, because each micro-batch loss
-  is divided by the whole batch's `loss_normaliser`. Gradients accumulate in float32 and
-  come back in the parameters' dtype. With a `sharding.Layout`, each micro-batch's rows stay
+  Peak memory is that of one micro-batch's forward and backward (float32 logits [m, T, V], or
+  [m, logprob_chunk, V] when chunked); the result equals the full-batch gradient for every
+  loss_agg, because each micro-batch loss is divided by the whole batch's `loss_normaliser`.
+  Gradients accumulate in float32 and come back in the parameters' dtype. With a `sharding.Layout`, each micro-batch's rows stay
   split over the mesh's batch axes. Not jitted: `make_update_fn` jits it.
   """
   if micro_batch_size < 1:
@@ -532,6 +609,7 @@ def make_grad_fn(apply_fn, cfg, micro_batch_size, layout=None, objective="policy
   if temperature <= 0:
     raise ValueError(f"temperature must be > 0 for log-probs, got {temperature}.")
   loss_agg = _choice(cfg, "loss_agg", LOSS_AGGREGATIONS) if objective == "policy" else "token_mean"
+  chunk = _logprob_chunk(_field(cfg, "logprob_chunk"))
 
   def micro_loss(params, mb, normaliser):
     if layout is not None:
@@ -539,11 +617,14 @@ def make_grad_fn(apply_fn, cfg, micro_batch_size, layout=None, objective="policy
     positions = positions_from_mask(mb["attention_mask"])
     out = apply_fn(params, mb["tokens"], positions, mb["attention_mask"])
     if objective == "value":  # Target-aligned: the value before token t is read at t - 1.
+      if isinstance(out, tuple):
+        raise ValueError("objective='value' needs an apply_fn that returns values [B, T], not "
+                         "a (hidden, head) pair; pass the value model's apply (sqlm_jax.critic).")
       values = jnp.pad(out[:, :-1], ((0, 0), (1, 0)))  # [m, T]
       objective_sum, sums = _value_sums(values, mb["old_values"], mb["returns"],
                                         mb["loss_mask"], mb["sample_weight"], cfg)
       return objective_sum / normaliser, sums
-    logprobs, entropy = token_logprobs(out, mb["tokens"], temperature)  # out: logits [m, T, V]
+    logprobs, entropy = _model_logprobs(out, mb["tokens"], temperature, chunk, layout)  # [m, T]
     objective_sum, sums = _policy_sums(
         logprobs, mb["old_logprobs"], mb["advantages"], mb["loss_mask"], mb["sample_weight"],
         cfg, mb.get("ref_logprobs"), jax.lax.stop_gradient(entropy))
@@ -630,21 +711,25 @@ def mini_batches(batch, rows, size):
   return [jax.tree.map(lambda x, a=a, b=b: x[a:b], batch) for a, b in zip(cuts, cuts[1:])]
 
 
-def make_logprob_fn(apply_fn, temperature, micro_batch_size, param_shardings=None):
+def make_logprob_fn(apply_fn, temperature, micro_batch_size, param_shardings=None,
+                    logprob_chunk=0, layout=None):
   """Jitted `(params, tokens, attention_mask) -> logprobs [B, T]` of each target token.
 
   For the frozen reference's ref_logprobs, or to recompute old_logprobs with the training
   forward pass (sampler and trainer numerics can differ, e.g. bf16 KV cache). Entry t is
   log p(tokens[:, t] | tokens[:, :t]); multiply by loss_mask before use. Runs micro-batch by
-  micro-batch to bound memory.
+  micro-batch to bound memory; with an apply_fn that returns (hidden, head) (see the module
+  docstring), also `logprob_chunk` positions at a time (pass cfg.logprob_chunk; 0 = at once),
+  with the logits pinned to `layout` as the model pins them.
   """
   if temperature <= 0:
     raise ValueError(f"temperature must be > 0 for log-probs, got {temperature}.")
+  chunk = _logprob_chunk(logprob_chunk)
 
   def one(params, tokens, attention_mask):
     positions = positions_from_mask(attention_mask)
-    logits = apply_fn(params, tokens, positions, attention_mask)
-    return token_logprobs(logits, tokens, temperature)[0]
+    out = apply_fn(params, tokens, positions, attention_mask)
+    return _model_logprobs(out, tokens, temperature, chunk, layout)[0]
 
   def logprob_fn(params, tokens, attention_mask):
     b = tokens.shape[0]

@@ -512,3 +512,137 @@ def test_unbiased_group_std_and_kl_clamp():
   _, clamped = rl.policy_loss(*args, _cfg(kl_coef=0.1, kl_clamp=10.0), ref_logprobs=ref)
   _, free = rl.policy_loss(*args, _cfg(kl_coef=0.1), ref_logprobs=ref)
   assert float(clamped["kl"]) == pytest.approx(10.0) and float(free["kl"]) > 1e5
+
+
+# ------------------------------------------------- memory plan: chunked log-probs on a real model
+
+
+def _tiny_model(vocab=96, tie=False):
+  """A tiny Qwen2-style decoder (q/k/v biases) and its two apply forms: logits, (hidden, head)."""
+  from sqlm_jax.models import ModelConfig, transformer
+  config = ModelConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_layers=2,
+                       num_heads=4, num_kv_heads=2, head_dim=8, qkv_bias=True,
+                       tie_word_embeddings=tie)
+  params = transformer.init_params(config, jax.random.key(1))
+  logits_apply = lambda p, t, pos, m: transformer.forward(p, config, t, pos, m)
+  hidden_apply = lambda p, t, pos, m: transformer.hidden_and_head(p, config, t, pos, m)
+  return params, logits_apply, hidden_apply
+
+
+def _tiny_model_batch(params, apply, cfg, rows=4, length=11, vocab=96):
+  """Left-padded prompts, right-padded completions, T = 11 (a multiple of neither 3 nor 8)."""
+  rng = np.random.default_rng(5)
+  attention_mask = np.ones((rows, length), np.int32)
+  attention_mask[1, :3] = 0
+  attention_mask[3, -2:] = 0
+  loss_mask = np.zeros((rows, length), np.float32)
+  loss_mask[:, 5:] = attention_mask[:, 5:]
+  tokens = rng.integers(0, vocab, (rows, length)).astype(np.int32) * attention_mask
+  logprobs = np.asarray(rl.make_logprob_fn(apply, cfg.temperature, 2)(params, tokens,
+                                                                      attention_mask))
+  noise = lambda: rng.normal(0, 0.3, (rows, length)).astype(np.float32)
+  return dict(tokens=tokens, attention_mask=attention_mask, loss_mask=loss_mask,
+              old_logprobs=(logprobs + noise()) * loss_mask,
+              ref_logprobs=(logprobs + noise()) * loss_mask,
+              advantages=np.array([1.0, -0.5, 2.0, 0.8], np.float32),
+              sample_weight=np.array([1, 1, 0, 1], np.float32))
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_memory_plan_chunked_logprobs_equal_unchunked(tie):
+  params, logits_apply, hidden_apply = _tiny_model(tie=tie)
+  batch = _tiny_model_batch(params, logits_apply, _cfg())
+  args = (params, batch["tokens"], batch["attention_mask"])
+  expected = rl.make_logprob_fn(logits_apply, 0.7, 2)(*args)
+  for chunk in (0, 3, 8, 11, 16):
+    got = rl.make_logprob_fn(hidden_apply, 0.7, 2, logprob_chunk=chunk)(*args)
+    if chunk == 0 or chunk >= 11:  # One chunk: the model's own numbers, bit for bit.
+      np.testing.assert_array_equal(got, expected, err_msg=f"logprob_chunk={chunk}")
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6,
+                               err_msg=f"logprob_chunk={chunk}")
+  # The chunked function alone, entropy included, against token_logprobs of the logits.
+  hidden, head = hidden_apply(params, batch["tokens"], rl.positions_from_mask(
+      batch["attention_mask"]), batch["attention_mask"])
+  logits = logits_apply(params, batch["tokens"], rl.positions_from_mask(
+      batch["attention_mask"]), batch["attention_mask"])
+  want = rl.token_logprobs(logits, jnp.asarray(batch["tokens"]), 0.7)
+  got = rl.chunked_token_logprobs(hidden, head, jnp.asarray(batch["tokens"]), 0.7, chunk=4)
+  for g, w in zip(got, want):
+    assert g.shape == w.shape == batch["tokens"].shape
+    np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
+
+
+_CHUNK_TEST_RL = dict(kl_coef=0.1, temperature=0.7, loss_agg="token_mean")
+
+
+@pytest.mark.parametrize("tie, chunks", [(False, (0, 3, 8, 16)), (True, (3, 11))])
+def test_memory_plan_chunked_gradients_equal_unchunked(tie, chunks):
+  params, logits_apply, hidden_apply = _tiny_model(tie=tie)
+  batch = _tiny_model_batch(params, logits_apply, _cfg(**_CHUNK_TEST_RL))
+  expected_grads, expected = jax.jit(rl.make_grad_fn(
+      logits_apply, _cfg(**_CHUNK_TEST_RL, logprob_chunk=0), 2))(params, batch)
+  assert float(expected["entropy"]) > 1.0 and float(expected["clip_low"]) > 0  # not trivial
+  for chunk in chunks:
+    grads, metrics = jax.jit(rl.make_grad_fn(
+        hidden_apply, _cfg(**_CHUNK_TEST_RL, logprob_chunk=chunk), 2))(params, batch)
+    assert metrics.keys() == expected.keys()
+    # One chunk (0, or >= T = 11) is the model's own computation: bit for bit, gradients too.
+    exact = chunk == 0 or chunk >= 11
+    for key in expected:
+      np.testing.assert_allclose(metrics[key], expected[key], rtol=0 if exact else 1e-5,
+                                 atol=0 if exact else 1e-7, err_msg=f"{key}, chunk={chunk}")
+    for (path, g), want in zip(jax.tree_util.tree_leaves_with_path(grads),
+                               jax.tree.leaves(expected_grads)):
+      np.testing.assert_allclose(g, want, rtol=0 if exact else 1e-5, atol=0 if exact else 1e-7,
+                                 err_msg=f"{jax.tree_util.keystr(path)}, chunk={chunk}")
+
+
+def test_memory_plan_update_step_equal_unchunked():
+  params, logits_apply, hidden_apply = _tiny_model()
+  batch = _tiny_model_batch(params, logits_apply, _cfg(**_CHUNK_TEST_RL))
+  optimizer = rl.make_optimizer(_cfg(learning_rate=0.01))
+  stepped = []
+  for apply, chunk in ((logits_apply, 0), (hidden_apply, 3)):
+    update = rl.make_update_fn(apply, optimizer, _cfg(**_CHUNK_TEST_RL, logprob_chunk=chunk), 2)
+    fresh = jax.tree.map(jnp.copy, params)  # donated
+    stepped.append(update(fresh, optimizer.init(fresh), batch))
+  (plain, _, plain_metrics), (chunked, _, chunked_metrics) = stepped
+  for a, b in zip(jax.tree.leaves(chunked), jax.tree.leaves(plain)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(chunked_metrics["grad_norm"], plain_metrics["grad_norm"], rtol=1e-5)
+  assert float(plain_metrics["grad_norm"]) > 0
+
+
+def test_memory_plan_chunking_shrinks_compiled_temp_memory():
+  # Logits dominate here: [2, 256, 4096] float32 is 8 MiB, the rest of the model about as much.
+  rows, length, vocab = 2, 256, 4096
+  params, logits_apply, hidden_apply = _tiny_model(vocab=vocab)
+  batch = dict(tokens=np.zeros((rows, length), np.int32),
+               attention_mask=np.ones((rows, length), np.int32),
+               loss_mask=np.ones((rows, length), np.float32),
+               old_logprobs=np.zeros((rows, length), np.float32),
+               advantages=np.ones(rows, np.float32), sample_weight=np.ones(rows, np.float32))
+
+  def temp_bytes(apply, chunk):
+    grad_fn = rl.make_grad_fn(apply, _cfg(logprob_chunk=chunk), rows)
+    return jax.jit(grad_fn).lower(params, batch).compile().memory_analysis().temp_size_in_bytes
+
+  logits_bytes = rows * length * vocab * 4
+  plain, chunked = temp_bytes(logits_apply, 0), temp_bytes(hidden_apply, 32)
+  # Unchunked holds the logits about three times over (and their backward); chunked, a chunk's.
+  assert plain - chunked > 2.5 * logits_bytes, (plain, chunked, logits_bytes)
+  assert chunked < 0.5 * plain, (plain, chunked)
+
+
+def test_memory_plan_logprob_chunk_errors():
+  params, _, hidden_apply = _tiny_model()
+  with pytest.raises(ValueError, match="logprob_chunk=-1 must be"):
+    rl.make_grad_fn(hidden_apply, _cfg(logprob_chunk=-1), 2)
+  with pytest.raises(ValueError, match="logprob_chunk=2.5 must be"):
+    rl.make_logprob_fn(hidden_apply, 1.0, 2, logprob_chunk=2.5)
+  batch = _tiny_model_batch(params, hidden_apply, _cfg())
+  value_batch = dict(tokens=batch["tokens"], attention_mask=batch["attention_mask"],
+                     loss_mask=batch["loss_mask"], sample_weight=batch["sample_weight"],
+                     old_values=batch["old_logprobs"], returns=batch["old_logprobs"])
+  with pytest.raises(ValueError, match="objective='value' needs an apply_fn that returns values"):
+    rl.make_grad_fn(hidden_apply, _cfg(), 2, objective="value")(params, value_batch)

@@ -358,3 +358,16 @@ def param_logical_axes(config: ModelConfig) -> Params:
   """The logical axis names of every parameter leaf, as a tree of PartitionSpecs."""
   boxed = jax.eval_shape(functools.partial(_boxed_init, config), jax.random.key(0))
   return nn.get_partition_spec(boxed)
+
+
+def output_head(params: Params, config: ModelConfig) -> jax.Array:
+  """The vocabulary head [E, V] as `forward` applies it (the embedding, transposed, if tied)."""
+  return params["embed_tokens"].T if config.tie_word_embeddings else params["lm_head"]
+
+
+def hidden_and_head(params: Params, config: ModelConfig, tokens: jax.Array, positions: jax.Array,
+                    attention_mask: jax.Array, layout: Optional[Layout] = None):
+  """`forward` without its last matmul: (final hidden states [B, T, E], head [E, V]), so that a
+  caller can make the float32 logits a chunk of positions at a time (rl.chunked_token_logprobs)."""
+  hidden = forward(params, config, tokens, positions, attention_mask, layout, hidden_only=True)
+  return hidden, output_head(params, config)
