@@ -5,11 +5,16 @@ Each field is overridable from the command line, e.g. `--config.rl.learning_rate
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
 from sqlm_jax import rl, sharding
 
 REQUIRED = "__required__"  # Placeholder for fields the user must set (checked before any compile).
+DEFAULT_COMPILE_CACHE = os.path.join(
+    os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+    "sqlm_jax", "xla")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -45,6 +50,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.coordinator = ""  # "host:port" of process 0; "" = detected (TPU pods, SLURM, ...).
   c.mesh.num_processes = 0  # With a coordinator: how many processes (0 = detected).
   c.mesh.process_id = -1  # With a coordinator: this process's index (-1 = detected).
+  # What one device holds, in GiB, for the memory plan (0 = what the device reports; a CPU
+  # reports nothing). Set it to plan for a chip you are not on, e.g. 16 for a v5e-8 from a laptop
+  # (`--dry_run`); the plan then says whether the run fits and chooses rollout.rows_per_call.
+  c.mesh.device_memory_gib = 0.0
 
   c.task = ml_collections.ConfigDict()
   c.task.name = "arithmetic"  # arithmetic | algebra | generic | coding | tiny_addition
@@ -64,6 +73,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.rollout.temperature = ml_collections.FieldReference(1.0)
   c.rollout.top_p = 1.0  # Nucleus filter for both roles (1.0 = off).
   c.rollout.top_k = 0  # Top-k filter for both roles (0 = off).
+  # Decoding runs on its own layout (sqlm_jax/rollout.py): each step, a role's weights are cast to
+  # rollout.dtype and resharded over the role's devices with `tensor` ways of tensor parallelism
+  # and the remaining devices splitting the rows (data parallel), so decoding gathers no weights.
+  c.rollout.tensor = 1
+  # Dtype of the decoding copy of the weights: "auto" = bfloat16 on accelerators (and in a plan
+  # for one, mesh.device_memory_gib > 0), float32 on CPU.
+  c.rollout.dtype = "auto"  # auto | float32 | bfloat16
+  # A role's rows (prompts x samples) are decoded in calls of at most this many rows, each
+  # chunk of prompts sharing its prefill; the tokens do not depend on it. 0 = automatic: all
+  # rows at once where the device does not report its memory (CPU), else the largest power of
+  # two that the memory plan finds to fit.
+  c.rollout.rows_per_call = 0
 
   c.rewards = ml_collections.ConfigDict()
   # Proposer reward from k = answers agreeing with the majority (see sqlm_jax/rewards.py):
@@ -98,6 +119,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.rl.kl_coef = 1e-3
   c.rl.kl_estimator = "low_var"
   c.rl.micro_batch_size = 16  # Rows per forward/backward; bounds training memory.
+  # Dtype of the frozen KL reference's weights: "auto" = bfloat16 on accelerators (and in a plan
+  # for one), float32 on CPU.
+  c.rl.reference_dtype = "auto"  # auto | float32 | bfloat16
   c.rl.temperature = c.rollout.get_ref("temperature")  # Follows rollout.temperature.
   c.rl.total_steps = c.get_ref("total_steps") * 1  # Cosine ends with the run (unless set).
   # Re-score sampled tokens with the training forward pass instead of trusting the sampler's
@@ -131,6 +155,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint.keep = 2  # Keep the newest this many (0 = all); 3B, two roles: ~74 GB each.
   # Start over in a workdir that holds another run (its logs and checkpoints are deleted).
   c.overwrite = False
+
+  # XLA's persistent compilation cache: a rerun, a resumed run and every sweep arm load the
+  # compiled programs instead of compiling them again. "" = off.
+  c.compile_cache_dir = DEFAULT_COMPILE_CACHE
 
   c.sandbox = ml_collections.ConfigDict()  # Coding topics only.
   c.sandbox.workers = 0  # 0 = one per CPU.

@@ -38,7 +38,7 @@ def main(argv) -> None:
   del argv
   import jax
 
-  from sqlm_jax import evaluation, selfplay
+  from sqlm_jax import evaluation, roles
   from sqlm_jax.models import load_pretrained
   from sqlm_jax.sampling import Sampler
   from sqlm_jax.tokenizer import load_tokenizer
@@ -54,7 +54,7 @@ def main(argv) -> None:
   model_config, params = load_pretrained(path, dtype=config.model.dtype,
                                          param_dtype=config.model.param_dtype)
   tokenizer = load_tokenizer(path)
-  task, _ = selfplay.make_task(config)
+  task, _ = roles.make_task(config)
   sampler = Sampler(model_config, pad_id=tokenizer.pad_id, stop_ids=tokenizer.stop_ids)
   examples = evaluation.load_examples(config.eval.heldout, config.eval.num_examples,
                                       config.eval.data_dir, config.eval.split)

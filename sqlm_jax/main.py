@@ -57,6 +57,20 @@ def validate(config) -> None:
   _choice(config, "eval.split", splits)
   _choice(config, "model.dtype", ("float32", "bfloat16"))
   _choice(config, "model.param_dtype", ("float32", "bfloat16"))
+  _choice(config, "rollout.dtype", ("auto", "float32", "bfloat16"))
+  _choice(config, "rl.reference_dtype", ("auto", "float32", "bfloat16"))
+  if config.rollout.tensor < 1:
+    raise ConfigError(f"config.rollout.tensor={config.rollout.tensor} must be at least 1 (1 = "
+                      "weights replicated for decoding, rows split over every device).")
+  if config.rollout.rows_per_call < 0:
+    raise ConfigError(f"config.rollout.rows_per_call={config.rollout.rows_per_call} must be >= 0 "
+                      "(0 = chosen by the memory plan).")
+  if config.rl.logprob_chunk < 0:
+    raise ConfigError(f"config.rl.logprob_chunk={config.rl.logprob_chunk} must be >= 0 (0 = the "
+                      "whole sequence at once).")
+  if config.mesh.device_memory_gib < 0:
+    raise ConfigError(f"config.mesh.device_memory_gib={config.mesh.device_memory_gib} must be >= "
+                      "0 (0 = what the device reports).")
   for key in ("total_steps", "rollout.prompts_per_step", "rollout.proposals_per_prompt",
               "rollout.answers_per_question", "rollout.max_proposal_tokens",
               "rollout.max_answer_tokens", "rl.micro_batch_size", "proposer_update_every",
@@ -117,7 +131,7 @@ def validate(config) -> None:
 def check_task_options(config) -> None:
   """Options that need something of the task: a question generator, a vote to guard, a
   paraphrase."""
-  from sqlm_jax.selfplay import make_task
+  from sqlm_jax.roles import make_task
   task, _ = make_task(config)
   if config.task.question_source == "fixed" and task.generate_question is None:
     raise ConfigError(f"config.task.question_source='fixed' needs a question generator, which "
@@ -149,7 +163,7 @@ def check_context_length(config) -> None:
   if not limit:
     return
   from sqlm_jax.sampling import bucket
-  from sqlm_jax.selfplay import make_task
+  from sqlm_jax.roles import make_task
   from sqlm_jax.tasks.base import Proposal
   from sqlm_jax.tokenizer import encode_chat, load_tokenizer
   tokenizer = load_tokenizer(config.model.path)
@@ -238,15 +252,15 @@ def main(argv) -> None:
 
 
 def dry_run(config, workdir: str) -> None:
-  """The memory plan alone: mesh, per-device bytes, memory_plan.json; no weights are read."""
-  from sqlm_jax import memory_plan, selfplay
-  from sqlm_jax.models import read_config
+  """The memory plan alone: mesh, per-phase bytes per device, memory_plan.json; the programs are
+  compiled on abstract shapes and no weights are read."""
+  from sqlm_jax import memory_plan, roles
   from sqlm_jax.tokenizer import load_tokenizer
   sharding.initialize(config.mesh)
-  layouts = selfplay.role_layouts(config)
-  model_config = read_config(config.model.path, config.model.dtype, config.model.param_dtype,
-                             remat=config.model.remat)
-  task, _ = selfplay.make_task(config)
+  sharding.use_compile_cache(config.compile_cache_dir)
+  layouts = roles.role_layouts(config)
+  model_config, _ = roles.model_configs(config)
+  task, _ = roles.make_task(config)
   plan = memory_plan.memory_plan(config, model_config, layouts,
                                  load_tokenizer(config.model.path), task)
   if sharding.is_writer():

@@ -10,6 +10,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from sqlm_jax import diversity
+
 # The fields of the one-line console summary, in order, with their short labels.
 _CONSOLE = (("solver_reward", "solver_r"), ("proposer_reward", "proposer_r"),
             ("valid_proposal_rate", "valid"), ("pseudo_label_accuracy", "pseudo_acc"),
@@ -155,3 +157,56 @@ def read_metrics(workdir: str) -> list[dict]:
 def mean_or_none(values) -> Optional[float]:
   values = [v for v in values if v is not None]
   return float(np.mean(values)) if values else None
+
+
+# ---- What a researcher watches ----------------------------------------------------------------------
+
+
+def score_metrics(s, state, proposals, questions, answers, majority, solver_r, proposer_r, k,
+                  answers_out, proposals_out) -> dict[str, Any]:
+  task, n = s.task, s.config.rollout.answers_per_question
+  texts = [p.question for p in questions]
+  m = {
+      "valid_proposal_rate": float(np.mean([p.valid for p in proposals])),
+      "num_questions": len(questions),
+      "solver_reward": float(solver_r.mean()) if solver_r.size else None,
+      "proposer_reward": float(proposer_r.mean()) if proposer_r.size else None,
+      "k_histogram": np.bincount(np.asarray(k, np.int64), minlength=n + 1).tolist(),
+      "answer_valid_rate": float(np.mean([[a is not None for a in row] for row in answers]))
+                           if answers else None,
+      "proposal_length": float(proposals_out.lengths.mean()) if proposals_out is not None
+                         else None,
+      "answer_length": float(answers_out.lengths.mean()) if answers_out is not None else None,
+      "proposal_distinct2": diversity.distinct_n(texts, 2),
+      "proposal_duplicate_rate": diversity.duplicate_rate(texts),
+      "proposal_recent_overlap": state.recent_questions.update(texts),
+  }
+  # The pseudo-label monitor: how often the majority is actually right (never a reward).
+  truths = [task.true_answer(p) for p in questions]
+  judged = [(mj == t) for mj, t in zip(majority, truths) if t is not None and mj is not None]
+  m["pseudo_label_accuracy"] = float(np.mean(judged)) if judged else None
+  m["pseudo_label_coverage"] = len(judged) / len(questions) if questions else 0.0
+  difficulties = [task.difficulty(p) for p in questions]
+  difficulties = [d for d in difficulties if d is not None]
+  m["proposal_difficulty"] = float(np.mean(difficulties)) if difficulties else None
+  if difficulties:
+    values, counts = np.unique(difficulties, return_counts=True)
+    m["difficulty_histogram"] = {f"{v:g}": int(c) for v, c in zip(values, counts)}
+  return m
+
+
+def sample_records(count, proposals, proposal_texts, questions, answers, answer_texts, majority,
+                   solver_r, proposer_r, n) -> list[dict]:
+  """A few proposals with their N answers and rewards, for reading (samples.jsonl)."""
+  records, q = [], 0
+  for proposal, text in zip(proposals, proposal_texts):
+    if len(records) >= count:
+      break
+    record = {"proposal": text, "question": proposal.question}
+    if proposal.valid:
+      record.update(answers=answer_texts[q * n:(q + 1) * n], extracted=answers[q],
+                    majority=majority[q], solver_rewards=solver_r[q].tolist(),
+                    proposer_reward=float(proposer_r[q]))
+      q += 1
+    records.append(record)
+  return records

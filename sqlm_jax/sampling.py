@@ -58,14 +58,27 @@ def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.
   return jax.lax.cond((top_k > 0) | (top_p < 1.0), apply, lambda x: x, logits)
 
 
-def sample_token(logits: jax.Array, key: jax.Array, temperature, top_k, top_p):
-  """Samples from logits [B, V]; temperature 0 is greedy. Returns (token [B], logprob [B])."""
+def sample_token(logits: jax.Array, key: jax.Array, temperature, top_k, top_p, first_row=0,
+                 noise_rows: Optional[int] = None):
+  """Samples from logits [B, V]; temperature 0 is greedy. Returns (token [B], logprob [B]).
+
+  Row b draws the Gumbel noise of global row first_row + b out of noise_rows (static, at least
+  first_row + B): with threefry's partitionable bits a draw depends only on its index, so a
+  chunk of rows samples what the same rows of one big call would (`jax.random.categorical`'s
+  draws exactly when first_row is 0).
+  """
   greedy = temperature <= 0
   scaled = logits / jnp.where(greedy, 1.0, temperature)
   scaled = filter_logits(scaled, top_k, top_p)
+  rows, vocab = scaled.shape
+
+  def draw():
+    noise = jax.random.gumbel(key, (noise_rows or rows, vocab), scaled.dtype)
+    noise = jax.lax.dynamic_slice_in_dim(noise, first_row, rows, axis=0)
+    return jnp.argmax(scaled + noise, axis=-1).astype(jnp.int32)
+
   # A branch, not a select, so greedy decoding never draws [B, V] random numbers.
-  token = jax.lax.cond(greedy, lambda: first_argmax(logits),
-                       lambda: jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32))
+  token = jax.lax.cond(greedy, lambda: first_argmax(logits), draw)
   logp = jnp.take_along_axis(scaled, token[:, None], axis=-1)[:, 0]
   return token, logp - jax.nn.logsumexp(scaled, axis=-1)
 
@@ -116,21 +129,23 @@ class SamplingState(NamedTuple):
 
 
 def decode(params, cache, last_logits, last_position, num_prompts, key, temperature, top_k, top_p,
-           stop_ids, pad_id, max_new_tokens: int, num_samples: int, *, config: ModelConfig,
-           layout: Layout):
+           stop_ids, pad_id, first_row, max_new_tokens: int, num_samples: int, noise_rows: int,
+           *, config: ModelConfig, layout: Layout, per_layer_weights: Optional[bool] = None):
   """Samples up to max_new_tokens per row, each row stopping at a stop id.
 
   Rows are prompt-major (row = prompt * N + sample); last_position [rows] is the position of
-  each prompt's last token; rows past num_prompts * N are batch padding. The cache is donated
-  (by `Sampler`) and updated in place; it is returned only so its buffer can be reused. The
-  tokens, log-probs and lengths come back replicated, so every process can read them all.
+  each prompt's last token; rows past num_prompts * N are batch padding; first_row is the global
+  index of row 0 (see `sample_token`). The cache is donated (by `Sampler`) and updated in
+  place; it is returned only so its buffer can be reused. The tokens, log-probs and lengths
+  come back replicated, so every process can read them all.
   """
   rows = last_logits.shape[0]
   key = jax.random.wrap_key_data(key)  # Passed as host data: the same on every process.
-  params = transformer.inference_params(params, config)  # Once, not per step.
+  params = transformer.inference_params(params, config, per_layer_weights)  # Once, not per step.
 
   def choose(logits, step, done):
-    token, logp = sample_token(logits, jax.random.fold_in(key, step), temperature, top_k, top_p)
+    token, logp = sample_token(logits, jax.random.fold_in(key, step), temperature, top_k, top_p,
+                               first_row, noise_rows)
     token = jnp.where(done, pad_id, token)
     return token, jnp.where(done, 0.0, logp), done | jnp.isin(token, stop_ids)
 
@@ -171,7 +186,7 @@ class Sampler:
 
   def __init__(self, config: ModelConfig, pad_id: int, stop_ids: Sequence[int],
                min_prompt_bucket: int = 16, min_batch_bucket: int = 1,
-               layout: Optional[Layout] = None):
+               layout: Optional[Layout] = None, per_layer_weights: Optional[bool] = None):
     if not stop_ids:
       raise ValueError("Sampler needs at least one stop id (the tokenizer's eos).")
     self.config = config
@@ -180,20 +195,27 @@ class Sampler:
     self._prefill = jax.jit(
         functools.partial(prefill, config=config, layout=self.layout),
         static_argnums=(3, 4), in_shardings=(params, None, None))
+    # per_layer_weights: see transformer.inference_params (None: by the backend).
     self._decode = jax.jit(
-        functools.partial(decode, config=config, layout=self.layout),
-        static_argnums=(11, 12), donate_argnums=(1,),
-        in_shardings=(params,) + (None,) * 10)
+        functools.partial(decode, config=config, layout=self.layout,
+                          per_layer_weights=per_layer_weights),
+        static_argnums=(12, 13, 14), donate_argnums=(1,),
+        in_shardings=(params,) + (None,) * 11)
     self.pad_id = int(pad_id)
     self.stop_ids = np.asarray(sorted(set(int(i) for i in stop_ids)), np.int32)
     self.min_prompt_bucket = min_prompt_bucket
     self.min_batch_bucket = min_batch_bucket
 
-  def pad_prompts(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
-    """Left-pads prompts to a length bucket and the batch to a size bucket (dummy rows masked)."""
+  def pad_prompts(self, prompts: Sequence[Sequence[int]], length: Optional[int] = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pads prompts to a length bucket (or `length`) and the batch to a size bucket (dummy
+    rows masked)."""
     if not prompts or any(len(p) == 0 for p in prompts):
       raise ValueError("Every prompt needs at least one token.")
-    length = bucket(max(len(p) for p in prompts), self.min_prompt_bucket)
+    longest = max(len(p) for p in prompts)
+    if length is not None and length < longest:
+      raise ValueError(f"prompt_length={length} is shorter than the longest prompt ({longest}).")
+    length = length or bucket(longest, self.min_prompt_bucket)
     batch = bucket(len(prompts), self.min_batch_bucket)
     tokens = np.full((batch, length), self.pad_id, np.int32)
     mask = np.zeros((batch, length), bool)
@@ -205,8 +227,12 @@ class Sampler:
 
   def __call__(self, params, prompts: Sequence[Sequence[int]], key: jax.Array, *,
                max_new_tokens: int, num_samples: int = 1, temperature: float = 1.0,
-               top_k: int = 0, top_p: float = 1.0) -> SampleOutput:
-    tokens, mask = self.pad_prompts(prompts)
+               top_k: int = 0, top_p: float = 1.0, first_row: int = 0,
+               prompt_length: Optional[int] = None) -> SampleOutput:
+    """first_row: the global index of this call's first row (row = prompt * N + sample), when
+    the call is one chunk of a bigger one (sqlm_jax/rollout.py): its rows then sample exactly
+    what those rows of the bigger call would. prompt_length: pad prompts to this length."""
+    tokens, mask = self.pad_prompts(prompts, prompt_length)
     cache_length = tokens.shape[1] + max_new_tokens
     if cache_length > self.config.max_position_embeddings:
       raise ValueError(f"Prompt bucket {tokens.shape[1]} + max_new_tokens {max_new_tokens} exceeds "
@@ -216,8 +242,30 @@ class Sampler:
     out, logprobs, lengths, _ = self._decode(
         params, cache, logits, last_position, np.int32(len(prompts)),
         np.asarray(jax.random.key_data(key)), np.float32(temperature), np.int32(top_k),
-        np.float32(top_p), self.stop_ids, np.int32(self.pad_id), max_new_tokens, num_samples)
+        np.float32(top_p), self.stop_ids, np.int32(self.pad_id), np.int32(first_row),
+        max_new_tokens, num_samples, bucket(first_row + tokens.shape[0] * num_samples, 1))
     rows = len(prompts) * num_samples
     out, logprobs, lengths = (sharding.to_host(x) for x in (out, logprobs, lengths))
     return SampleOutput(tokens=out[:rows], logprobs=logprobs[:rows], lengths=lengths[:rows],
                         prompt_tokens=tokens[:len(prompts)], prompt_mask=mask[:len(prompts)])
+
+  def lower(self, params, num_prompts: int, prompt_length: int, max_new_tokens: int,
+            num_samples: int = 1) -> dict[str, "jax.stages.Lowered"]:
+    """The programs a call of this size runs, lowered on abstract arguments (nothing runs or
+    is allocated): {"prefill": ..., "decode": ...}. params: a tree of jax.ShapeDtypeStruct
+    with shardings (the memory plan's 3B-shaped weights)."""
+    batch = bucket(num_prompts, self.min_batch_bucket)
+    length = bucket(prompt_length, self.min_prompt_bucket)
+    row = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=self.layout.sharding(
+        ("batch",) + (None,) * (len(shape) - 1), shape))
+    prefill = self._prefill.lower(params, row((batch, length), jnp.int32),
+                                  row((batch, length), jnp.bool_), length + max_new_tokens,
+                                  num_samples)
+    logits, cache, last_position = prefill.out_info
+    scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype)
+    key = jax.ShapeDtypeStruct(jax.random.key_data(jax.random.key(0)).shape, jnp.uint32)
+    decode = self._decode.lower(
+        params, cache, logits, last_position, scalar(jnp.int32), key, scalar(jnp.float32),
+        scalar(jnp.int32), scalar(jnp.float32), jax.ShapeDtypeStruct(self.stop_ids.shape, jnp.int32),
+        scalar(jnp.int32), scalar(jnp.int32), max_new_tokens, num_samples, batch * num_samples)
+    return {"prefill": prefill, "decode": decode}

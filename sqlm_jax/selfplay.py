@@ -24,221 +24,12 @@ import jax
 import ml_collections
 import numpy as np
 
-from sqlm_jax import (checkpoints, critic, diversity, evaluation, memory_plan,
-                      metrics as metrics_lib, rewards, rl, sharding)
-from sqlm_jax.models import ModelConfig, forward, load_pretrained, read_config
-from sqlm_jax.sampling import SampleOutput, Sampler, bucket
-from sqlm_jax.tasks import get_task
+from sqlm_jax import (checkpoints, evaluation, memory_plan, metrics as metrics_lib, rl, rollout,
+                      scoring, sharding)
+from sqlm_jax.roles import ROLES, RunState, Setup, role_key, setup  # noqa: F401 (setup)
+from sqlm_jax.sampling import SampleOutput, bucket
 from sqlm_jax.tasks.base import Proposal, Task
-from sqlm_jax.tasks.math_answers import answer_ids
-from sqlm_jax.tokenizer import Tokenizer, encode_chat, load_tokenizer
-
-ROLES = ("solver", "proposer")
-
-
-@dataclasses.dataclass
-class RunState:
-  """Everything that changes during a run: what a whole-run checkpoint holds.
-
-  `arrays()` is the device pytree (params and optimizer states, saved sharded) and `host()`
-  the plain data; with shared weights, params/opt_state hold a single "policy" entry used by
-  both roles; with rl.advantage_estimator="gae" they also hold the value model's, "critic"
-  (sqlm_jax/critic.py). The frozen KL reference is not part of it: it is always the starting weights,
-  reloaded from model.path by `setup`.
-  """
-
-  step: int
-  params: dict[str, Any]
-  opt_state: dict[str, Any]
-  recent_questions: diversity.RecentQuestions
-
-  def arrays(self) -> dict[str, Any]:
-    return {"params": self.params, "opt_state": self.opt_state}
-
-  def host(self) -> dict[str, Any]:
-    return {"step": self.step, "recent_questions": self.recent_questions.steps(),
-            "recent_questions_max_steps": self.recent_questions.max_steps}
-
-  @classmethod
-  def from_saved(cls, arrays: dict[str, Any], host: dict[str, Any]) -> "RunState":
-    return cls(step=host["step"], params=arrays["params"], opt_state=arrays["opt_state"],
-               recent_questions=diversity.RecentQuestions(host["recent_questions_max_steps"],
-                                                          host["recent_questions"]))
-
-
-@dataclasses.dataclass
-class Setup:
-  """What stays fixed during a run: the model, tokenizer, task, layouts, compiled functions.
-
-  Dicts keyed by role ("proposer", "solver") hold each role's layout and sampler (the same
-  objects when the roles share the mesh); dicts keyed by parameter set ("policy" with shared
-  weights, else the roles, and "critic") hold the donated update functions.
-  """
-
-  config: ml_collections.ConfigDict
-  model_config: ModelConfig
-  tokenizer: Tokenizer
-  task: Task
-  topic: str
-  layouts: dict[str, sharding.Layout]
-  samplers: dict[str, Sampler]
-  updates: dict[str, Any]
-  lr_schedule: Any
-  ref_logprob_fns: dict[str, Any]  # Empty without a KL term.
-  ref_params: dict[str, Any]  # The frozen starting weights, one copy per distinct layout.
-  old_logprob_fns: dict[str, Any]  # Set when sampling log-probs are not the policy's.
-  value_fn: Optional[Any]  # The critic's old values, with rl.advantage_estimator="gae".
-  heldout: list[dict]
-  memory_plan: dict
-  sandbox_pool: Optional[Any] = None
-
-
-def role_key(config, role: str) -> str:
-  return "policy" if config.shared_weights else role
-
-
-def recomputes_old_logprobs(config) -> bool:
-  """Whether old log-probs come from the trainer's forward pass rather than the sampler's.
-
-  rl.recompute_old_logprobs, or when unset: whenever model.dtype is not float32 (the sampler's
-  and the trainer's numerics then differ); always under top-k / top-p, whose sampling
-  distribution is not the policy's.
-  """
-  value = config.rl.recompute_old_logprobs
-  if value is None:
-    value = config.model.dtype != "float32"
-  return bool(value) or config.rollout.top_k > 0 or config.rollout.top_p < 1.0
-
-
-# ---- Setup ---------------------------------------------------------------------------------------
-
-
-def make_task(config) -> tuple[Task, str]:
-  """The Task and the topic text (a free-text topic falls back to the generic math format)."""
-  if config.task.name == "generic":
-    from sqlm_jax.tasks import generic
-    task = generic.make_task(config.task.topic or generic.DEFAULT_TOPIC)
-  else:
-    task = get_task(config.task.name)
-  return task, config.task.topic or task.default_topic
-
-
-def role_layouts(config) -> dict[str, sharding.Layout]:
-  """Each role's mesh: both on every device, or (mesh.role_split) half of the devices each.
-
-  With shared weights there is one parameter set, so the roles always share the mesh. A split
-  gives each role half of every process's devices, so both meshes span every process.
-  """
-  m = config.mesh
-  rules = sharding.rules_from_config(m.rules)
-  if not m.role_split or config.shared_weights:
-    layout = sharding.Layout(sharding.make_mesh(m.data, m.fsdp, m.tensor), rules)
-    return {role: layout for role in ROLES}
-  halves = {role: [] for role in ROLES}
-  for process in range(jax.process_count()):
-    local = [d for d in jax.devices() if d.process_index == process]
-    if len(local) % 2:
-      raise sharding.MeshError(f"mesh.role_split=True needs an even number of devices per "
-                               f"process; process {process} has {len(local)}.")
-    halves["proposer"] += local[:len(local) // 2]
-    halves["solver"] += local[len(local) // 2:]
-  return {role: sharding.Layout(sharding.make_mesh(m.data, m.fsdp, m.tensor, devices), rules)
-          for role, devices in halves.items()}
-
-
-def setup(config: ml_collections.ConfigDict) -> tuple[Setup, RunState]:
-  layouts = role_layouts(config)
-  model_config = read_config(config.model.path, config.model.dtype, config.model.param_dtype,
-                             remat=config.model.remat)
-  tokenizer = load_tokenizer(config.model.path)
-  task, topic = make_task(config)
-  # Checked before any weight loads; compiled (exact) activations where there is a limit to meet.
-  plan = memory_plan.memory_plan(config, model_config, layouts, tokenizer, task,
-                                 compile_activations=memory_plan.device_memory_bytes() is not None)
-  memory_plan.check(plan)
-  optimizer = rl.make_optimizer(config.rl)
-  recompute = recomputes_old_logprobs(config)
-
-  def load(layout):
-    """The checkpoint read straight into `layout`'s parameter shardings."""
-    shardings = sharding.param_shardings(layout, model_config)
-    return load_pretrained(config.model.path, dtype=config.model.dtype,
-                           param_dtype=config.model.param_dtype, remat=config.model.remat,
-                           shardings=shardings)[1]
-
-  samplers, per_layout = {}, {}  # per_layout: id(layout) -> (sampler, logprob fn, shardings)
-  for role, layout in layouts.items():
-    if id(layout) not in per_layout:
-      shardings = sharding.param_shardings(layout, model_config)
-      apply_fn = functools.partial(_apply, config=model_config, layout=layout)
-      per_layout[id(layout)] = (
-          Sampler(model_config, pad_id=tokenizer.pad_id, stop_ids=tokenizer.stop_ids,
-                  layout=layout),
-          rl.make_logprob_fn(apply_fn, config.rl.temperature, config.rl.micro_batch_size,
-                             shardings),
-          shardings, apply_fn)
-    samplers[role] = per_layout[id(layout)][0]
-
-  params, opt_state, updates = {}, {}, {}
-  for key in (("policy",) if config.shared_weights else ROLES):
-    layout = layouts["solver" if key == "policy" else key]
-    _, _, shardings, apply_fn = per_layout[id(layout)]
-    params[key] = load(layout)
-    opt_shardings = sharding.like_params(optimizer, shardings,
-                                         jax.eval_shape(optimizer.init, params[key]),
-                                         layout.replicated)
-    opt_state[key] = jax.jit(optimizer.init, out_shardings=opt_shardings)(params[key])
-    updates[key] = rl.make_update_fn(apply_fn, optimizer, config.rl, config.rl.micro_batch_size,
-                                     layout, shardings, opt_shardings)
-  value_fn = None
-  if config.rl.advantage_estimator == "gae":  # The value model, on the solver's devices.
-    layout = layouts["solver"]
-    shardings = critic.param_shardings(layout, model_config)
-    params["critic"] = jax.jit(functools.partial(critic.init, model_config=model_config),
-                               out_shardings=shardings)(load(layout))
-    critic_cfg = rl.critic_config(config.rl)
-    critic_optimizer = rl.make_optimizer(critic_cfg)
-    opt_shardings = sharding.like_params(critic_optimizer, shardings,
-                                         jax.eval_shape(critic_optimizer.init, params["critic"]),
-                                         layout.replicated)
-    opt_state["critic"] = jax.jit(critic_optimizer.init,
-                                  out_shardings=opt_shardings)(params["critic"])
-    critic_apply = functools.partial(critic.apply, config=model_config, layout=layout)
-    updates["critic"] = rl.make_update_fn(critic_apply, critic_optimizer, critic_cfg,
-                                          config.rl.micro_batch_size, layout, shardings,
-                                          opt_shardings, objective="value")
-    value_fn = rl.make_value_fn(critic_apply, config.rl.micro_batch_size, shardings)
-  ref_params, ref_fns = {}, {}
-  if config.rl.kl_coef > 0:  # The frozen start, on each role's devices.
-    by_layout = {}
-    for role, layout in layouts.items():
-      if id(layout) not in by_layout:
-        by_layout[id(layout)] = load(layout)
-      ref_params[role] = by_layout[id(layout)]
-      ref_fns[role] = per_layout[id(layout)][1]
-  heldout = evaluation.load_examples(config.eval.heldout, config.eval.num_examples,
-                                     config.eval.data_dir, config.eval.split)
-  pool = None
-  if task.reward_kind == "tests" or config.eval.heldout == "humaneval":
-    from sqlm_jax import sandbox
-    pool = sandbox.SandboxPool(workers=config.sandbox.workers or None,
-                               limits=sandbox.Limits(timeout_s=config.sandbox.timeout_s),
-                               allow_unsandboxed=config.sandbox.allow_unsandboxed)
-  s = Setup(config=config, model_config=model_config, tokenizer=tokenizer, task=task, topic=topic,
-            layouts=layouts, samplers=samplers, updates=updates,
-            lr_schedule=rl.make_lr_schedule(config.rl), ref_logprob_fns=ref_fns,
-            ref_params=ref_params,
-            old_logprob_fns={role: per_layout[id(layouts[role])][1] for role in ROLES}
-            if recompute else {},
-            value_fn=value_fn, heldout=heldout, memory_plan=plan, sandbox_pool=pool)
-  state = RunState(step=0, params=params, opt_state=opt_state,
-                   recent_questions=diversity.RecentQuestions(max_steps=10))
-  return s, state
-
-
-def _apply(params, tokens, positions, mask, *, config, layout):
-  return forward(params, config, tokens, positions, mask, layout)
-
+from sqlm_jax.tokenizer import encode_chat
 
 # ---- Rollouts -> training batches -----------------------------------------------------------------
 
@@ -277,13 +68,14 @@ def training_batch(s: Setup, role: str, out: SampleOutput, num_samples: int, row
     if name == "sample_weight":
       filler = np.zeros_like(filler)
     batch[name] = np.concatenate([value, filler], 0)
-  batch = s.layouts[role].put_batch(batch)
-  if role in s.ref_logprob_fns:
-    batch["ref_logprobs"] = s.ref_logprob_fns[role](s.ref_params[role], batch["tokens"],
-                                                    batch["attention_mask"]) * batch["loss_mask"]
-  if role in s.old_logprob_fns:  # Score the sampled tokens with the trainer's forward pass.
-    batch["old_logprobs"] = s.old_logprob_fns[role](params, batch["tokens"],
-                                                    batch["attention_mask"]) * batch["loss_mask"]
+  batch = s.roles[role].layout.put_batch(batch)
+  score_fn = s.roles[role].logprob_fn
+  if role in s.reference:
+    batch["ref_logprobs"] = score_fn(s.reference[role], batch["tokens"],
+                                     batch["attention_mask"]) * batch["loss_mask"]
+  if s.recompute_old_logprobs:  # Score the sampled tokens with the trainer's forward pass.
+    batch["old_logprobs"] = score_fn(params, batch["tokens"],
+                                     batch["attention_mask"]) * batch["loss_mask"]
   if critic_params is not None:
     batch.update(gae_batch(batch, s.value_fn(critic_params, batch["tokens"],
                                              batch["attention_mask"]),
@@ -300,106 +92,7 @@ def gae_batch(batch, values, *, gamma, lam):
   return {"advantages": advantages, "old_values": values * mask, "returns": returns}
 
 
-# ---- Rewards and advantages (array code, jitted once per padded shape) ---------------------------
-
-
-# The reward shape's constants are static: they come from the config and never change in a run.
-@functools.partial(jax.jit, static_argnames=("centre", "width", "eps", "shape", "estimator",
-                                             "min_votes", "break_ties", "invalid_votes", "ddof",
-                                             "solver_reward", "proposer_min_margin",
-                                             "solver_min_margin", "paraphrase_guard"))
-def vote_signals(ids, centre, width, eps, *, shape, estimator, min_votes, break_ties,
-                 invalid_votes=False, ddof=0, solver_reward="majority", proposer_min_margin=0,
-                 solver_min_margin=0, paraphrase_guard="off", paraphrase_agrees=None, key=None):
-  """answer ids [Q, N] -> majority id [Q], k [Q], solver reward [Q, N], proposer reward [Q],
-  solver advantages [Q, N] (the N answers of a question are one group).
-
-  The margin guard (0 = off): a question whose majority leads the runner-up by fewer than
-  proposer_min_margin votes pays the proposer 0, by fewer than solver_min_margin rewards no
-  answer. The paraphrase guard: where paraphrase_agrees [Q] is False (the question re-asked in
-  another form got another majority), "proposer" pays the proposer 0 and "both" also rewards no
-  answer. solver_reward="random" hands each question's rewards to random valid answers (`key`)
-  and the advantages follow; the proposer is still paid from the real vote's k, so the control
-  changes only what the solver learns from, not the questions it is asked.
-  """
-  majority_id, k, _ = rewards.majority_vote(ids, invalid_votes)
-  solver_r = rewards.solver_reward(ids, min_votes, break_ties, invalid_votes)  # [Q, N]
-  proposer_r = rewards.proposer_reward(k, ids.shape[1], shape, centre, width)  # [Q]
-  if solver_min_margin > 0:
-    solver_r *= rewards.confident_majority(ids, solver_min_margin, invalid_votes)[:, None]
-  if proposer_min_margin > 0:
-    proposer_r *= rewards.confident_majority(ids, proposer_min_margin, invalid_votes)
-  if paraphrase_guard != "off":
-    proposer_r *= paraphrase_agrees
-  if paraphrase_guard == "both":
-    solver_r *= paraphrase_agrees[:, None]
-  if solver_reward == "random":
-    solver_r = rewards.random_solver_reward(key, solver_r, ids >= 0)
-  return majority_id, k, solver_r, proposer_r, rl.group_advantages(solver_r, estimator, eps,
-                                                                   ddof=ddof)
-
-
-@functools.partial(jax.jit, static_argnames=("centre", "width", "eps", "shape", "estimator",
-                                             "ddof", "solver_reward"))
-def test_signals(passes, test_mask, centre, width, eps, *, shape, estimator, ddof=0,
-                 solver_reward="majority", key=None):
-  """Test results [Q, N, T] -> solver reward (pass rate) [Q, N], proposer reward [Q], advantages.
-
-  solver_reward="random" shuffles each question's pass rates among its N programs (`key`).
-  """
-  solver_r = rewards.pass_rate_solver_reward(passes, test_mask)
-  proposer_r = rewards.pass_rate_proposer_reward(passes, test_mask, shape, centre, width)
-  if solver_reward == "random":
-    solver_r = rewards.random_solver_reward(key, solver_r)
-  return solver_r, proposer_r, rl.group_advantages(solver_r, estimator, eps, ddof=ddof)
-
-
-def score(s: Setup, questions: list[Proposal], answers: list[list], key: jax.Array,
-          paraphrase_answers: Optional[list[list]] = None):
-  """Answers -> majority answers [Q], k [Q], solver rewards [Q, N], proposer rewards [Q],
-  solver advantages [Q, N] (under GAE the rewards: the critic makes the advantages) and, with
-  the paraphrase guard, whether each question's paraphrase got the same majority [Q] (else
-  None)."""
-  c, n, q = s.config, s.config.rollout.answers_per_question, len(questions)
-  gae, agrees = c.rl.advantage_estimator == "gae", None
-  shape = dict(shape=c.rewards.proposer_shape, centre=c.rewards.gaussian_centre,
-               width=c.rewards.gaussian_width, eps=c.rl.advantage_eps, ddof=c.rl.std_ddof,
-               estimator="grpo" if gae else c.rl.advantage_estimator,
-               solver_reward=c.rewards.solver_reward, key=key)
-  rows = bucket(q, 1)  # Padded question count: the jitted reward code sees few shapes.
-  if s.task.reward_kind == "tests":
-    from sqlm_jax.tasks.coding import pass_matrix
-    passes, test_mask = pass_matrix(questions + [Proposal(None)] * (rows - q),
-                                    answers + [[None] * n] * (rows - q), s.sandbox_pool)
-    solver_r, proposer_r, solver_adv = test_signals(passes, test_mask, **shape)
-    # Answers passing every test (a random shuffle keeps each question's rewards).
-    k = (np.asarray(solver_r) == 1.0).sum(-1)
-    majority = [None] * q
-  else:
-    guard = c.rewards.paraphrase_guard
-    if guard != "off":  # One numbering for the answers to a question and to its paraphrase.
-      answers_and_paraphrases = [a + b for a, b in zip(answers, paraphrase_answers)]
-    else:
-      answers_and_paraphrases = answers
-    ids = np.full((rows, n if guard == "off" else 2 * n), -1, np.int32)
-    ids[:q] = answer_ids(answers_and_paraphrases) if q else ids[:0]
-    ids, paraphrase_ids = ids[:, :n], ids[:, n:]
-    if guard != "off":
-      agrees = np.asarray(rewards.majorities_agree(ids, paraphrase_ids,
-                                                   c.rewards.invalid_answers_vote))
-    majority_id, k, solver_r, proposer_r, solver_adv = vote_signals(
-        ids, min_votes=c.rewards.min_votes, break_ties=c.rewards.break_ties,
-        invalid_votes=c.rewards.invalid_answers_vote,
-        proposer_min_margin=c.rewards.proposer_min_margin,
-        solver_min_margin=c.rewards.solver_min_margin, paraphrase_guard=guard,
-        paraphrase_agrees=agrees, **shape)
-    majority_id = np.asarray(majority_id)
-    majority = [row[list(ids[i]).index(majority_id[i])] if majority_id[i] >= 0 else None
-                for i, row in enumerate(answers)]
-  k, solver_r, proposer_r, solver_adv = (np.asarray(x)[:q] for x in (k, solver_r, proposer_r,
-                                                                      solver_adv))
-  return (majority, k, solver_r, proposer_r, (solver_r if gae else solver_adv),
-          None if agrees is None else agrees[:q])
+# ---- One step --------------------------------------------------------------------------------------
 
 
 def fixed_questions(config, task: Task, step: int) -> list[Proposal]:
@@ -410,20 +103,15 @@ def fixed_questions(config, task: Task, step: int) -> list[Proposal]:
   return [task.generate_question(rng) for _ in range(count)]
 
 
-def proposer_advantages(config, proposer_r: np.ndarray, valid: np.ndarray) -> np.ndarray:
-  """Proposer rewards [Q] -> advantages over every proposal [P*M], grouped by topic prompt, the
-  invalid masked (weight 0, out of the statistics); under GAE the rewards themselves."""
-  full_r = np.zeros(len(valid), np.float32)
-  full_r[valid] = proposer_r
-  if config.rl.advantage_estimator == "gae":
-    return full_r
-  groups = (config.rollout.prompts_per_step, config.rollout.proposals_per_prompt)
-  return np.asarray(rl.group_advantages(
-      full_r.reshape(groups), config.rl.advantage_estimator, config.rl.advantage_eps,
-      mask=valid.reshape(groups), ddof=config.rl.std_ddof)).reshape(-1)
-
-
-# ---- One step --------------------------------------------------------------------------------------
+def decode(s: Setup, state: RunState, role: str, copies: dict, prompts, key: jax.Array,
+           **kwargs) -> SampleOutput:
+  """A role's rollouts on its rollout layout, in calls of s.rows_per_call rows. `copies` keeps
+  each parameter set's decoding copy for the step (both roles use one with shared weights)."""
+  r = s.roles[role]
+  if r.params_key not in copies:
+    copies[r.params_key] = rollout.weights(r, state.params[r.params_key])
+  return rollout.sample(r.sampler, copies[r.params_key], prompts, key,
+                        rows_per_call=s.rows_per_call, **kwargs)
 
 
 def train_step(s: Setup, state: RunState, key: jax.Array) -> tuple[RunState, dict, list[dict]]:
@@ -431,7 +119,9 @@ def train_step(s: Setup, state: RunState, key: jax.Array) -> tuple[RunState, dic
   n = c.rollout.answers_per_question
   fixed = c.task.question_source == "fixed"
   times, m = {}, {}
-  sampling = dict(top_k=c.rollout.top_k, top_p=c.rollout.top_p)
+  sampling = dict(top_k=c.rollout.top_k, top_p=c.rollout.top_p,
+                  temperature=c.rollout.temperature)
+  copies = {}  # The step's decoding copies of the weights, freed before the update.
 
   # 1. Propose: every topic prompt is one proposer group of `proposals_per_prompt` samples. The
   #    prompts are identical, so all P*M proposals share one prefill (row r is in group r // M).
@@ -439,11 +129,10 @@ def train_step(s: Setup, state: RunState, key: jax.Array) -> tuple[RunState, dic
   t0 = time.perf_counter()
   proposals_out = None
   if not fixed:
-    proposals_out = s.samplers["proposer"](
-        state.params[role_key(c, "proposer")], [encode_chat(tok, task.proposer_messages(s.topic))],
+    proposals_out = decode(
+        s, state, "proposer", copies, [encode_chat(tok, task.proposer_messages(s.topic))],
         jax.random.fold_in(key, 0), max_new_tokens=c.rollout.max_proposal_tokens,
-        num_samples=c.rollout.prompts_per_step * c.rollout.proposals_per_prompt,
-        temperature=c.rollout.temperature, **sampling)
+        num_samples=c.rollout.prompts_per_step * c.rollout.proposals_per_prompt, **sampling)
   times["propose"] = time.perf_counter() - t0
 
   # 2. Parse: proposals -> questions; the invalid are masked out of both losses.
@@ -467,10 +156,10 @@ def train_step(s: Setup, state: RunState, key: jax.Array) -> tuple[RunState, dic
   t0 = time.perf_counter()
   answers_out = None
   if questions:
-    answers_out = s.samplers["solver"](
-        state.params[role_key(c, "solver")], solver_prompts, jax.random.fold_in(key, 1),
-        max_new_tokens=c.rollout.max_answer_tokens, num_samples=n,
-        temperature=c.rollout.temperature, **sampling)
+    answers_out = decode(s, state, "solver", copies, solver_prompts, jax.random.fold_in(key, 1),
+                         max_new_tokens=c.rollout.max_answer_tokens, num_samples=n, **sampling)
+  for params_key, copy in copies.items():
+    rollout.free(copy, state.params[params_key])
   times["solve"] = time.perf_counter() - t0
 
   # 4. Score: answers -> rewards (array code over [Q, N]).
@@ -480,10 +169,10 @@ def train_step(s: Setup, state: RunState, key: jax.Array) -> tuple[RunState, dic
   extracted = [[task.extract_answer(t) for t in answer_texts[i * n:(i + 1) * n]]
                for i in range(len(solver_prompts))]
   answers, paraphrase_answers = extracted[:q], extracted[q:]
-  majority, k, solver_r, proposer_r, solver_adv, agrees = score(
+  majority, k, solver_r, proposer_r, solver_adv, agrees = scoring.score(
       s, questions, answers, jax.random.fold_in(key, 2), paraphrase_answers)
-  m.update(score_metrics(s, state, proposals, questions, answers, majority, solver_r, proposer_r,
-                         k, answers_out, proposals_out))
+  m.update(metrics_lib.score_metrics(s, state, proposals, questions, answers, majority, solver_r,
+                                     proposer_r, k, answers_out, proposals_out))
   if agrees is not None:
     m["paraphrase_agreement"] = float(agrees.mean()) if q else None
   times["host_score"] = time.perf_counter() - t0
@@ -504,7 +193,7 @@ def train_step(s: Setup, state: RunState, key: jax.Array) -> tuple[RunState, dic
     rows["proposer"] = len(proposals)
     batches["proposer"] = training_batch(s, "proposer", proposals_out, len(proposals),
                                          np.arange(len(proposals)),
-                                         proposer_advantages(c, proposer_r, valid),
+                                         scoring.proposer_advantages(c, proposer_r, valid),
                                          valid.astype(np.float32),
                                          state.params[role_key(c, "proposer")], critic_params)
   mini = {role: rl.mini_batches(batch, rows[role], c.rl.ppo_mini_batch_size)
@@ -522,8 +211,9 @@ def train_step(s: Setup, state: RunState, key: jax.Array) -> tuple[RunState, dic
   m["time/host_fraction"] = (times["host_parse"] + times["host_score"]) / total
   trained_tokens = sum(float(update_metrics[r]["tokens"]) for r in batches)
   m["train_tokens_per_s"] = trained_tokens / max(times["train"], 1e-9)
-  samples = sample_records(c.log.samples_per_step, proposals, proposal_texts, questions, answers,
-                           answer_texts, majority, solver_r, proposer_r, n)
+  samples = metrics_lib.sample_records(c.log.samples_per_step, proposals, proposal_texts,
+                                       questions, answers, answer_texts, majority, solver_r,
+                                       proposer_r, n)
   state = dataclasses.replace(state, step=state.step + 1)
   return state, m, samples
 
@@ -560,13 +250,13 @@ def apply_role_updates(s: Setup, state: RunState, batches: dict[str, list]) -> t
   per_role: dict[str, list] = {}
   plan = update_plan(c, batches)
   for key, roles, mbs in plan:
-    params[key], opt_state[key], metrics = s.updates[key](params[key], opt_state[key], mbs,
-                                                          state.step)
+    update = s.roles[roles[0]].update
+    params[key], opt_state[key], metrics = update(params[key], opt_state[key], mbs, state.step)
     for role, m in zip(roles, metrics):
       per_role.setdefault(role, []).append(m)
-  if "critic" in s.updates:
+  if s.critic_update is not None:
     for _, _, mbs in plan:
-      params["critic"], opt_state["critic"], metrics = s.updates["critic"](
+      params["critic"], opt_state["critic"], metrics = s.critic_update(
           params["critic"], opt_state["critic"], mbs, state.step)
       per_role.setdefault("critic", []).extend(metrics)
   summed = c.shared_weights and c.shared_weights_update == "summed"
@@ -596,65 +286,19 @@ def _mean_metrics(steps: list[dict]) -> dict[str, float]:
   return out
 
 
-# ---- What a researcher watches ----------------------------------------------------------------------
-
-
-def score_metrics(s, state, proposals, questions, answers, majority, solver_r, proposer_r, k,
-                  answers_out, proposals_out) -> dict[str, Any]:
-  task, n = s.task, s.config.rollout.answers_per_question
-  texts = [p.question for p in questions]
-  m = {
-      "valid_proposal_rate": float(np.mean([p.valid for p in proposals])),
-      "num_questions": len(questions),
-      "solver_reward": float(solver_r.mean()) if solver_r.size else None,
-      "proposer_reward": float(proposer_r.mean()) if proposer_r.size else None,
-      "k_histogram": np.bincount(np.asarray(k, np.int64), minlength=n + 1).tolist(),
-      "answer_valid_rate": float(np.mean([[a is not None for a in row] for row in answers]))
-                           if answers else None,
-      "proposal_length": float(proposals_out.lengths.mean()) if proposals_out is not None
-                         else None,
-      "answer_length": float(answers_out.lengths.mean()) if answers_out is not None else None,
-      "proposal_distinct2": diversity.distinct_n(texts, 2),
-      "proposal_duplicate_rate": diversity.duplicate_rate(texts),
-      "proposal_recent_overlap": state.recent_questions.update(texts),
-  }
-  # The pseudo-label monitor: how often the majority is actually right (never a reward).
-  truths = [task.true_answer(p) for p in questions]
-  judged = [(mj == t) for mj, t in zip(majority, truths) if t is not None and mj is not None]
-  m["pseudo_label_accuracy"] = float(np.mean(judged)) if judged else None
-  m["pseudo_label_coverage"] = len(judged) / len(questions) if questions else 0.0
-  difficulties = [task.difficulty(p) for p in questions]
-  difficulties = [d for d in difficulties if d is not None]
-  m["proposal_difficulty"] = float(np.mean(difficulties)) if difficulties else None
-  if difficulties:
-    values, counts = np.unique(difficulties, return_counts=True)
-    m["difficulty_histogram"] = {f"{v:g}": int(c) for v, c in zip(values, counts)}
-  return m
-
-
-def sample_records(count, proposals, proposal_texts, questions, answers, answer_texts, majority,
-                   solver_r, proposer_r, n) -> list[dict]:
-  """A few proposals with their N answers and rewards, for reading (samples.jsonl)."""
-  records, q = [], 0
-  for proposal, text in zip(proposals, proposal_texts):
-    if len(records) >= count:
-      break
-    record = {"proposal": text, "question": proposal.question}
-    if proposal.valid:
-      record.update(answers=answer_texts[q * n:(q + 1) * n], extracted=answers[q],
-                    majority=majority[q], solver_rewards=solver_r[q].tolist(),
-                    proposer_reward=float(proposer_r[q]))
-      q += 1
-    records.append(record)
-  return records
-
-
 # ---- Evaluation and the run ---------------------------------------------------------------------
 
 
 def evaluate(s: Setup, params, key) -> dict[str, float]:
-  return evaluation.run_heldout(s.config.eval, params, s.samplers["solver"], s.tokenizer, s.task,
-                                s.heldout, key, s.sandbox_pool)
+  """The held-out evaluation of the solver's weights, decoded on its rollout layout."""
+  solver = s.roles["solver"]
+  copy = rollout.weights(solver, params)
+  sample = functools.partial(rollout.sample, solver.sampler, rows_per_call=s.rows_per_call)
+  try:
+    return evaluation.run_heldout(s.config.eval, copy, sample, s.tokenizer, s.task, s.heldout,
+                                  key, s.sandbox_pool)
+  finally:
+    rollout.free(copy, params)
 
 
 def step_key(seed: int, step: int) -> jax.Array:
@@ -673,6 +317,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """
   from tqdm.auto import tqdm
   sharding.initialize(config.mesh)
+  sharding.use_compile_cache(config.compile_cache_dir)
   writes = sharding.is_writer()
   say = print if writes else (lambda *args, **kwargs: None)
   if config.overwrite:

@@ -235,6 +235,18 @@ def initialize(mesh_config) -> None:
                jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
+def use_compile_cache(directory: str) -> None:
+  """Turns on XLA's persistent compilation cache in `directory` ("" = off), so a rerun, a
+  resumed run or another sweep arm loads the programs a previous one compiled."""
+  if not directory:
+    return
+  os.makedirs(directory, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", directory)
+  # Every program: a step's dozen programs each take under a second on a tiny model but add up.
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def _cluster_in_environment() -> bool:
   env = os.environ
   if env.get("JAX_COORDINATOR_ADDRESS"):

@@ -1,7 +1,6 @@
 """A few self-play steps on a tiny random model, end to end, and the loop's masking/sharing rules."""
 
 import dataclasses
-import functools
 import json
 import math
 
@@ -9,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from sqlm_jax import rl, selfplay
+from sqlm_jax import rl, roles, scoring, selfplay
 from sqlm_jax.config_base import base_config
 from sqlm_jax.models import load_pretrained
 from sqlm_jax.tasks.base import Proposal, Task
@@ -64,7 +63,7 @@ def generating_task() -> Task:
 
 @pytest.fixture
 def permissive(monkeypatch):
-  monkeypatch.setattr(selfplay, "make_task", lambda config: (permissive_task(), "topic"))
+  monkeypatch.setattr(roles, "make_task", lambda config: (permissive_task(), "topic"))
 
 
 def test_selfplay_steps_end_to_end(qwen2_dir, tmp_path, permissive):
@@ -99,12 +98,11 @@ def test_masked_proposal_contributes_exactly_zero_gradient(qwen2_dir, permissive
   config = tiny_config(qwen2_dir)
   s, state = selfplay.setup(config)
   params = state.params["proposer"]
-  out = s.samplers["proposer"](params, [[2, 5, 6]], jax.random.key(0), max_new_tokens=6,
-                               num_samples=4)
+  out = s.roles["proposer"].sampler(params, [[2, 5, 6]], jax.random.key(0), max_new_tokens=6,
+                                    num_samples=4)
   weights = np.array([1.0, 0.0, 1.0, 1.0])
   advantages = np.array([0.5, 3.0, -0.5, 0.0])
-  apply_fn = functools.partial(selfplay._apply, config=s.model_config,
-                               layout=s.layouts["proposer"])
+  apply_fn = roles.apply_fn(s.model_config, s.roles["proposer"].layout)
   grad_fn = jax.jit(rl.make_grad_fn(apply_fn, config.rl, config.rl.micro_batch_size))
   batch = selfplay.training_batch(s, "proposer", out, 4, np.arange(4), advantages, weights,
                                   params)
@@ -155,7 +153,7 @@ def test_separate_roles_proposer_waits_for_its_cadence(qwen2_dir, permissive):
 
 def test_vote_signals_on_a_hand_worked_batch():
   ids = np.array([[0, 0, 1, -1], [0, 1, 2, 3], [-1, -1, -1, -1], [0, 0, 0, 0]], np.int32)
-  majority, k, solver_r, proposer_r, adv = selfplay.vote_signals(
+  majority, k, solver_r, proposer_r, adv = scoring.vote_signals(
       ids, 0.5, 0.2, 1e-6, shape="sqlm", estimator="grpo", min_votes=1, break_ties=True)
   np.testing.assert_array_equal(majority, [0, 0, -1, 0])
   np.testing.assert_array_equal(k, [2, 1, 0, 4])
@@ -167,7 +165,7 @@ def test_vote_signals_on_a_hand_worked_batch():
 
 def test_vote_signals_with_the_gaussian_proposer_reward():
   ids = np.array([[0, 0, 1, 2], [0, 0, 0, 1], [0, 0, 0, 0]], np.int32)  # k = 2, 3, 4 of N = 4
-  _, _, _, proposer_r, _ = selfplay.vote_signals(
+  _, _, _, proposer_r, _ = scoring.vote_signals(
       ids, 0.75, 0.1, 1e-6, shape="gaussian", estimator="grpo", min_votes=1, break_ties=True)
   np.testing.assert_allclose(proposer_r, np.exp(-np.square([-0.25, 0.0, 0.25]) / 0.02), rtol=1e-6)
 
@@ -220,7 +218,7 @@ def test_sequential_mini_batches_with_a_value_model(qwen2_dir, permissive):
 def test_fixed_questions_replace_the_proposer(qwen2_dir, monkeypatch):
   """question_source="fixed": the step's questions come from the task's generator, seeded from
   (seed, step) only; the proposer is neither sampled nor updated."""
-  monkeypatch.setattr(selfplay, "make_task", lambda config: (generating_task(), "topic"))
+  monkeypatch.setattr(roles, "make_task", lambda config: (generating_task(), "topic"))
   config = tiny_config(qwen2_dir, **{"task.question_source": "fixed"})
   s, state = selfplay.setup(config)
   proposer_before = jax.tree.map(np.asarray, state.params["proposer"])
@@ -249,10 +247,10 @@ VOTE = dict(shape="sqlm", estimator="grpo", min_votes=1, break_ties=True)
 
 def test_random_solver_reward_keeps_the_vote_for_the_proposer():
   ids = np.array([[0, 0, 1, -1], [0, 1, 2, 2], [3, 3, 3, 1], [0, 0, 0, 0]], np.int32)
-  majority = selfplay.vote_signals(ids, 0.5, 0.2, 1e-6, **VOTE)
+  majority = scoring.vote_signals(ids, 0.5, 0.2, 1e-6, **VOTE)
   seen = set()
   for seed in range(8):
-    random = selfplay.vote_signals(ids, 0.5, 0.2, 1e-6, solver_reward="random",
+    random = scoring.vote_signals(ids, 0.5, 0.2, 1e-6, solver_reward="random",
                                    key=jax.random.key(seed), **VOTE)
     for real, got in zip(majority[:2] + majority[3:4], random[:2] + random[3:4]):
       np.testing.assert_array_equal(real, got)  # majority, k and the proposer's reward
@@ -271,36 +269,36 @@ def test_margin_guard_on_a_hand_worked_batch():
       [4, 4, 4, 4, 4, 4, 4, 4],  # unanimous: out of the band
       [0, 0, 1, 1, 2, 2, 3, 3],  # k = 2, a four-way tie: margin 0
   ], np.int32)
-  off = selfplay.vote_signals(ids, 0.5, 0.2, 1e-6, **VOTE)
-  zero = selfplay.vote_signals(ids, 0.5, 0.2, 1e-6, proposer_min_margin=0, solver_min_margin=0,
+  off = scoring.vote_signals(ids, 0.5, 0.2, 1e-6, **VOTE)
+  zero = scoring.vote_signals(ids, 0.5, 0.2, 1e-6, proposer_min_margin=0, solver_min_margin=0,
                                **VOTE)
   for a, b in zip(off, zero):
     np.testing.assert_array_equal(a, b)
   np.testing.assert_array_equal(off[3], [1, 1, 0, 1])
-  _, _, solver_r, proposer_r, adv = selfplay.vote_signals(
+  _, _, solver_r, proposer_r, adv = scoring.vote_signals(
       ids, 0.5, 0.2, 1e-6, proposer_min_margin=2, solver_min_margin=2, **VOTE)
   np.testing.assert_array_equal(proposer_r, [0, 1, 0, 0])
   np.testing.assert_array_equal(solver_r[0], 0)  # the low-margin groups train nothing
   np.testing.assert_array_equal(solver_r[3], 0)
   np.testing.assert_array_equal(adv[0], 0)
   np.testing.assert_array_equal(solver_r[1], off[2][1])  # the confident one is unchanged
-  only_proposer = selfplay.vote_signals(ids, 0.5, 0.2, 1e-6, proposer_min_margin=2, **VOTE)
+  only_proposer = scoring.vote_signals(ids, 0.5, 0.2, 1e-6, proposer_min_margin=2, **VOTE)
   np.testing.assert_array_equal(only_proposer[2], off[2])
 
 
 def test_paraphrase_guard_on_a_hand_worked_batch():
   ids = np.array([[0, 0, 1, 2], [0, 0, 0, 1], [3, 3, 1, 1]], np.int32)  # all in the band
   agrees = np.array([True, False, True])
-  off = selfplay.vote_signals(ids, 0.5, 0.2, 1e-6, **VOTE)
-  for a, b in zip(off, selfplay.vote_signals(ids, 0.5, 0.2, 1e-6, paraphrase_guard="off",
+  off = scoring.vote_signals(ids, 0.5, 0.2, 1e-6, **VOTE)
+  for a, b in zip(off, scoring.vote_signals(ids, 0.5, 0.2, 1e-6, paraphrase_guard="off",
                                              paraphrase_agrees=agrees, **VOTE)):
     np.testing.assert_array_equal(a, b)
-  proposer = selfplay.vote_signals(ids, 0.5, 0.2, 1e-6, paraphrase_guard="proposer",
+  proposer = scoring.vote_signals(ids, 0.5, 0.2, 1e-6, paraphrase_guard="proposer",
                                    paraphrase_agrees=agrees, **VOTE)
   np.testing.assert_array_equal(off[3], [1, 1, 1])
   np.testing.assert_array_equal(proposer[3], [1, 0, 1])
   np.testing.assert_array_equal(proposer[2], off[2])  # the solver still trains on every group
-  both = selfplay.vote_signals(ids, 0.5, 0.2, 1e-6, paraphrase_guard="both",
+  both = scoring.vote_signals(ids, 0.5, 0.2, 1e-6, paraphrase_guard="both",
                                paraphrase_agrees=agrees, **VOTE)
   np.testing.assert_array_equal(both[3], [1, 0, 1])
   np.testing.assert_array_equal(both[2][1], 0)
@@ -316,12 +314,12 @@ def paraphrasing_task() -> Task:
 
 def test_paraphrase_guard_asks_every_question_twice_and_pays_only_agreement(qwen2_dir,
                                                                           monkeypatch):
-  monkeypatch.setattr(selfplay, "make_task", lambda config: (paraphrasing_task(), "topic"))
+  monkeypatch.setattr(roles, "make_task", lambda config: (paraphrasing_task(), "topic"))
   config = tiny_config(qwen2_dir, **{"rewards.paraphrase_guard": "both",
                                      "rewards.proposer_shape": "sqlm_paper"})
   s, state = selfplay.setup(config)
   calls, scored = [], []
-  sampler, score = s.samplers["solver"], selfplay.score
+  sampler, score = s.roles["solver"].sampler, scoring.score
 
   def counting_sampler(params, prompts, *args, **kwargs):
     calls.append(len(prompts))
@@ -331,8 +329,8 @@ def test_paraphrase_guard_asks_every_question_twice_and_pays_only_agreement(qwen
     scored.append(score(*args, **kwargs))
     return scored[-1]
 
-  s.samplers["solver"] = counting_sampler
-  monkeypatch.setattr(selfplay, "score", keeping_score)
+  s.roles["solver"] = dataclasses.replace(s.roles["solver"], sampler=counting_sampler)
+  monkeypatch.setattr(scoring, "score", keeping_score)
   _, metrics, _ = selfplay.train_step(s, state, jax.random.key(1))
   q = metrics["num_questions"]
   assert q > 0 and calls == [2 * q]  # each question and its paraphrase, in one sampler call

