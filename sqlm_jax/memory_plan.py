@@ -12,7 +12,9 @@ config.json and tokenizer are read), and the peak is the largest phase, not thei
 rollout.rows_per_call = 0 lets the plan choose: the largest power of two whose phases fit the
 device memory (mesh.device_memory_gib, or what the device reports). Without a limit to meet
 (a CPU run) nothing is compiled: the phases are estimated (marked as such) and every row is
-decoded in one call.
+decoded in one call. Planned on a CPU for an accelerator, the figures are XLA:CPU's: it
+converts bfloat16 weights to float32 for some products (the tied output head, thin decode
+matrices), which an accelerator does not, so decode and prefill are upper bounds there.
 """
 
 from __future__ import annotations
@@ -170,17 +172,19 @@ def update_bytes(config, model_config, layout, optimizer, sampled: dict) -> int:
 # ---- Estimates (no compilation) -------------------------------------------------------------
 
 
-def estimate_rollout(model_config, rollout_layout, copy_bytes: int, rows: int, length: int,
-                     prompt_length: int) -> dict[str, int]:
-  """Analytic prefill / decode bytes of one call of `rows` rows: the copy, the KV cache, the
-  float32 logits the sampler holds (a few [rows, V] arrays) and a prefill's activations."""
+def estimate_rollout(model_config, rollout_layout, copy_bytes: int, rows: int, samples: int,
+                     length: int, prompt_length: int) -> dict[str, int]:
+  """Analytic prefill / decode bytes of one call of `rows` rows (samples per prompt): the copy,
+  the KV cache, the float32 logits the sampler holds (a few [rows, V] arrays) and a prefill's
+  activations (one row per prompt)."""
   c = model_config
   here = math.ceil(rows / rollout_layout.batch_shards)
+  prompts_here = math.ceil(max(1, rows // samples) / rollout_layout.batch_shards)
   kv = kv_cache_bytes(rollout_layout, c, rows, length)
   logits = 4 * here * c.vocab_size * 4
   width = np.dtype(jnp.dtype(c.dtype)).itemsize
-  prefill_acts = here * prompt_length * (4 * c.hidden_size + 3 * c.intermediate_size) * width
-  prefill_acts += here * c.num_heads * prompt_length ** 2 * 4  # attention scores, float32
+  prefill_acts = prompts_here * prompt_length * (4 * c.hidden_size + 3 * c.intermediate_size)
+  prefill_acts = prefill_acts * width + prompts_here * c.num_heads * prompt_length ** 2 * 4
   return {"prefill": copy_bytes + kv + logits + prefill_acts, "decode": copy_bytes + kv + logits}
 
 
@@ -251,13 +255,11 @@ def memory_plan(config, model_config, layouts: dict, tokenizer, task,
     for layout, entry in per_layout.items():
       resident = entry["params"] + entry["optimizer"] + entry["reference"]
       decode_layout = rollout.layout(layout, config.rollout.tensor)
-      copies = rollout.make_resharder(layout, decode_layout, model_config, copy_config) is not None
-      copy_shardings = sharding.param_shardings(decode_layout, copy_config)
-      copy_shapes = _shapes(copy_config)
-      copy_bytes = sharding.bytes_per_device(copy_shapes, copy_shardings) if copies else 0
+      copy_shardings = sharding.param_shardings(decode_layout, copy_config, per_layer=True)
+      copy_shapes = rollout.copy_shapes(copy_config)
+      copy_bytes = sharding.bytes_per_device(copy_shapes, copy_shardings)
       sampler = Sampler(copy_config, pad_id=tokenizer.pad_id, stop_ids=tokenizer.stop_ids,
-                        layout=decode_layout,
-                        per_layer_weights=not rollout.on_accelerator(config))
+                        layout=decode_layout, per_layer_params=True)
       prefill = decode = kv = 0
       for role in entry["roles"]:
         if role not in sampled:
@@ -267,13 +269,10 @@ def memory_plan(config, model_config, layouts: dict, tokenizer, task,
         kv = max(kv, kv_cache_bytes(decode_layout, copy_config, rows, prompt_len + new))
         if compiled:
           got = rollout_bytes(sampler, _abstract(copy_shapes, copy_shardings), prompts, samples,
-                              prompt_len, new, rows_per_call)
-          # The program's arguments hold the copy; without one they hold the training weights.
-          got = {k: v - (0 if copies else entry["params"] // len(entry["sets"]))
-                 for k, v in got.items()}
+                              prompt_len, new, rows_per_call)  # The copy is an argument.
         else:
-          got = estimate_rollout(copy_config, decode_layout, copy_bytes, rows, prompt_len + new,
-                                 prompt_len)
+          got = estimate_rollout(copy_config, decode_layout, copy_bytes, rows, samples,
+                                 prompt_len + new, prompt_len)
         prefill, decode = max(prefill, got["prefill"]), max(decode, got["decode"])
       train_roles = {r: sampled[r] for r in entry["roles"] if r in sampled}
       if compiled:
@@ -292,19 +291,25 @@ def memory_plan(config, model_config, layouts: dict, tokenizer, task,
                   "total": max(phases.values())})
     return out, how
 
+  def rollout_peak(layouts_plan) -> int:  # What rows_per_call changes: prefill and decode.
+    return max(max(t["phases"]["prefill"], t["phases"]["decode"]) for t in layouts_plan)
+
   # rows_per_call: the config's, all rows without a limit, else the largest power of two whose
-  # estimate fits (then checked on the compiled programs, halving while it does not).
+  # estimate fits (then checked on the compiled programs, halving while it does not), but never
+  # fewer than 8 rows per device: smaller calls starve the chip (and XLA:CPU, which compiles
+  # the plan, turns such thin matrix products into float32 copies of the weights).
   rows_per_call = int(config.rollout.rows_per_call)
   chosen = rows_per_call == 0 and limit is not None
   if chosen:
+    floor = 8 * max(rollout.layout(layout, config.rollout.tensor).batch_shards
+                    for layout in per_layout)
     rows_per_call = 1 << (max(1, total_rows) - 1).bit_length()
-    while rows_per_call > 1 and max(
-        t["total"] for t in phases_at(rows_per_call, False)[0]) > limit:
+    while rows_per_call > floor and rollout_peak(phases_at(rows_per_call, False)[0]) > limit:
       rows_per_call //= 2
   while True:
     layouts_plan, how = phases_at(rows_per_call, compile_programs)
     worst = max(layouts_plan, key=lambda t: t["total"])
-    if not (chosen and limit is not None and worst["total"] > limit and rows_per_call > 1):
+    if not (chosen and rollout_peak(layouts_plan) > limit and rows_per_call > floor):
       break
     rows_per_call //= 2
   if rows_per_call >= total_rows:

@@ -60,8 +60,8 @@ class Role:
   """One role's fixed machinery; with shared weights both roles' records share these objects.
 
   params_key names the role's parameter set in RunState ("policy" or the role). `to_rollout`
-  casts and reshards those weights into the rollout layout (None: the training weights decode
-  as they are); `sampler` decodes on that layout. `logprob_fn` scores sequences with the
+  casts, splits per layer and reshards those weights into the rollout layout, where `sampler`
+  decodes. `logprob_fn` scores sequences with the
   training forward pass (the frozen reference; recomputed old log-probs); `update` is the
   donated optimizer step of params_key.
   """
@@ -71,7 +71,7 @@ class Role:
   layout: sharding.Layout
   rollout_layout: sharding.Layout
   sampler: Sampler
-  to_rollout: Optional[Callable]
+  to_rollout: Callable
   logprob_fn: Callable
   update: Callable
 
@@ -192,8 +192,7 @@ def build_roles(config, model_config: ModelConfig, rollout_config: ModelConfig, 
     built[name] = Role(
         name=name, params_key=key, layout=layout, rollout_layout=decode_layout,
         sampler=Sampler(rollout_config, pad_id=tokenizer.pad_id, stop_ids=tokenizer.stop_ids,
-                        layout=decode_layout,
-                        per_layer_weights=not rollout.on_accelerator(config)),
+                        layout=decode_layout, per_layer_params=True),
         to_rollout=rollout.make_resharder(layout, decode_layout, model_config, rollout_config),
         logprob_fn=rl.make_logprob_fn(forward_fn, config.rl.temperature,
                                       config.rl.micro_batch_size, shardings,

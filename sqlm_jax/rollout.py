@@ -3,10 +3,11 @@
 Training wants FSDP (parameters split over devices); decoding wants weights that stay put. On
 the training layout XLA hoists every weight all-gather out of the decode loop, so each device
 would silently hold a whole float32 copy while decoding. Instead, once per step each role's
-weights are cast to `rollout.dtype` and resharded by one jitted function into the rollout
-layout: the role's own devices as a (data, 1, tensor) mesh, `rollout.tensor` ways of tensor
-parallelism and the rest splitting the rows. Decoding then runs no parameter collectives; the
-copy lives only while the role samples and is freed before the update.
+weights are cast to `rollout.dtype`, split into one tree per layer and resharded by one jitted
+function into the rollout layout: the role's own devices as a (data, 1, tensor) mesh,
+`rollout.tensor` ways of tensor parallelism and the rest splitting the rows. Decoding then runs
+no parameter collectives and reads each layer's weights in place; the copy lives only while
+the role samples and is freed before the update.
 
 A role's rows (prompts x samples) are decoded in calls of at most `rows_per_call` rows (the
 memory plan chooses it), each chunk of prompts sharing its prefill. The sampler's random draws
@@ -15,13 +16,15 @@ depend only on a row's global index, so the tokens do not depend on the chunking
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from sqlm_jax import sharding
-from sqlm_jax.models import ModelConfig
+from sqlm_jax.models import ModelConfig, transformer
 from sqlm_jax.sampling import SampleOutput, Sampler, bucket
 from sqlm_jax.sharding import Layout
 
@@ -55,24 +58,26 @@ def layout(train_layout: Layout, tensor: int) -> Layout:
 
 def make_resharder(train_layout: Layout, rollout_layout: Layout, train_config: ModelConfig,
                    rollout_config: ModelConfig):
-  """params (training layout) -> the decoding copy (rollout layout and dtype), one jitted call.
-
-  Returns None when the two are the same (one device, float32 on both sides): the training
-  weights are then used as they are, and nothing is copied.
-  """
-  if train_layout == rollout_layout and train_config.param_dtype == rollout_config.param_dtype:
-    return None
-  dtype = jax.numpy.dtype(rollout_config.param_dtype)
-  out = sharding.param_shardings(rollout_layout, rollout_config)
-  return jax.jit(lambda params: jax.tree.map(lambda p: p.astype(dtype), params),
+  """params (training layout) -> the decoding copy, one jitted call: cast to rollout.dtype, split
+  into one tree per layer (which a decode loop reads in place, on every backend, instead of
+  slicing a stacked array each step) and laid out on the rollout layout."""
+  dtype = jnp.dtype(rollout_config.param_dtype)
+  return jax.jit(functools.partial(transformer.split_layers,
+                                   num_layers=train_config.num_layers, dtype=dtype),
                  in_shardings=(sharding.param_shardings(train_layout, train_config),),
-                 out_shardings=out)
+                 out_shardings=sharding.param_shardings(rollout_layout, rollout_config,
+                                                        per_layer=True))
 
 
-def free(copy, params) -> None:
-  """Deletes a decoding copy (never the training weights it may be)."""
-  if copy is not None and copy is not params:
-    jax.tree.map(lambda x: x.delete(), copy)
+def copy_shapes(rollout_config: ModelConfig):
+  """The decoding copy's abstract tree (per-layer, rollout.dtype)."""
+  return jax.eval_shape(lambda: transformer.split_layers(
+      transformer.init_params(rollout_config, jax.random.key(0)), rollout_config.num_layers))
+
+
+def free(copy) -> None:
+  """Deletes a decoding copy, so the update has its memory."""
+  jax.tree.map(lambda x: x.delete(), copy)
 
 
 def sample(sampler: Sampler, params, prompts: Sequence[Sequence[int]], key: jax.Array, *,
@@ -119,5 +124,5 @@ def rows_in_call(num_prompts: int, num_samples: int, rows_per_call: int) -> int:
 
 
 def weights(role, params):
-  """A role's decoding copy of `params` (the same arrays where nothing needs to change)."""
-  return params if role.to_rollout is None else role.to_rollout(params)
+  """A role's decoding copy of its training weights `params`."""
+  return role.to_rollout(params)

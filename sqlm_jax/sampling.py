@@ -130,7 +130,7 @@ class SamplingState(NamedTuple):
 
 def decode(params, cache, last_logits, last_position, num_prompts, key, temperature, top_k, top_p,
            stop_ids, pad_id, first_row, max_new_tokens: int, num_samples: int, noise_rows: int,
-           *, config: ModelConfig, layout: Layout, per_layer_weights: Optional[bool] = None):
+           *, config: ModelConfig, layout: Layout):
   """Samples up to max_new_tokens per row, each row stopping at a stop id.
 
   Rows are prompt-major (row = prompt * N + sample); last_position [rows] is the position of
@@ -141,7 +141,7 @@ def decode(params, cache, last_logits, last_position, num_prompts, key, temperat
   """
   rows = last_logits.shape[0]
   key = jax.random.wrap_key_data(key)  # Passed as host data: the same on every process.
-  params = transformer.inference_params(params, config, per_layer_weights)  # Once, not per step.
+  params = transformer.inference_params(params, config)  # Once, not per step.
 
   def choose(logits, step, done):
     token, logp = sample_token(logits, jax.random.fold_in(key, step), temperature, top_k, top_p,
@@ -186,19 +186,19 @@ class Sampler:
 
   def __init__(self, config: ModelConfig, pad_id: int, stop_ids: Sequence[int],
                min_prompt_bucket: int = 16, min_batch_bucket: int = 1,
-               layout: Optional[Layout] = None, per_layer_weights: Optional[bool] = None):
+               layout: Optional[Layout] = None, per_layer_params: bool = False):
     if not stop_ids:
       raise ValueError("Sampler needs at least one stop id (the tokenizer's eos).")
     self.config = config
     self.layout = layout or sharding.default_layout()
-    params = sharding.param_shardings(self.layout, config)
+    # per_layer_params: the weights arrive split per layer (the decoding copy of
+    # sqlm_jax/rollout.py), which every backend's decode loop reads in place.
+    params = sharding.param_shardings(self.layout, config, per_layer=per_layer_params)
     self._prefill = jax.jit(
         functools.partial(prefill, config=config, layout=self.layout),
         static_argnums=(3, 4), in_shardings=(params, None, None))
-    # per_layer_weights: see transformer.inference_params (None: by the backend).
     self._decode = jax.jit(
-        functools.partial(decode, config=config, layout=self.layout,
-                          per_layer_weights=per_layer_weights),
+        functools.partial(decode, config=config, layout=self.layout),
         static_argnums=(12, 13, 14), donate_argnums=(1,),
         in_shardings=(params,) + (None,) * 11)
     self.pad_id = int(pad_id)

@@ -158,8 +158,8 @@ def train_step(s: Setup, state: RunState, key: jax.Array) -> tuple[RunState, dic
   if questions:
     answers_out = decode(s, state, "solver", copies, solver_prompts, jax.random.fold_in(key, 1),
                          max_new_tokens=c.rollout.max_answer_tokens, num_samples=n, **sampling)
-  for params_key, copy in copies.items():
-    rollout.free(copy, state.params[params_key])
+  for copy in copies.values():
+    rollout.free(copy)
   times["solve"] = time.perf_counter() - t0
 
   # 4. Score: answers -> rewards (array code over [Q, N]).
@@ -298,7 +298,7 @@ def evaluate(s: Setup, params, key) -> dict[str, float]:
     return evaluation.run_heldout(s.config.eval, copy, sample, s.tokenizer, s.task, s.heldout,
                                   key, s.sandbox_pool)
   finally:
-    rollout.free(copy, params)
+    rollout.free(copy)
 
 
 def step_key(seed: int, step: int) -> jax.Array:

@@ -170,11 +170,18 @@ class Layout:
                         shape_tree, is_leaf=lambda x: isinstance(x, P))
 
 
-def param_shardings(layout: Layout, model_config) -> Any:
-  """NamedShardings of the model's parameter tree, from its leaves' logical axis names."""
+def param_shardings(layout: Layout, model_config, per_layer: bool = False) -> Any:
+  """NamedShardings of the model's parameter tree, from its leaves' logical axis names.
+
+  per_layer: of the tree split into one tree per layer (`transformer.split_layers`).
+  """
   from sqlm_jax.models import transformer
   shapes = jax.eval_shape(lambda: transformer.init_params(model_config, jax.random.key(0)))
-  return layout.tree_shardings(transformer.param_logical_axes(model_config), shapes)
+  stacked = layout.tree_shardings(transformer.param_logical_axes(model_config), shapes)
+  if not per_layer:
+    return stacked
+  layer = jax.tree.map(lambda s: NamedSharding(s.mesh, P(*s.spec[1:])), stacked["layers"])
+  return {**stacked, "layers": (layer,) * model_config.num_layers}
 
 
 def like_params(optimizer, params_shardings, state_shapes, replicated) -> Any:

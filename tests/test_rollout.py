@@ -38,17 +38,19 @@ def test_rollout_chunked_sampling_gives_the_unchunked_tokens(qwen2_dir, rows_per
   assert not np.array_equal(other.tokens, chunked.tokens)  # The key still matters.
 
 
-def test_rollout_copy_in_bfloat16_and_no_copy_when_nothing_changes(qwen2_dir):
+def test_rollout_copy_is_per_layer_in_rollout_dtype_and_freed(qwen2_dir):
   s, state = roles.setup(tiny_config(qwen2_dir))
-  solver = s.roles["solver"]
-  assert solver.to_rollout is None  # One device, float32 on CPU: the weights decode as they are.
-  assert rollout.weights(solver, state.params["solver"]) is state.params["solver"]
+  copy = rollout.weights(s.roles["solver"], state.params["solver"])  # float32 on CPU
+  assert len(copy["layers"]) == s.model_config.num_layers
+  for i, layer in enumerate(copy["layers"]):
+    for a, b in zip(jax.tree.leaves(layer), jax.tree.leaves(state.params["solver"]["layers"])):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b)[i])
   s, state = roles.setup(tiny_config(qwen2_dir, **{"rollout.dtype": "bfloat16"}))
   copy = rollout.weights(s.roles["solver"], state.params["solver"])
   assert {x.dtype for x in jax.tree.leaves(copy)} == {np.dtype("bfloat16")}
   assert {x.dtype for x in jax.tree.leaves(state.params["solver"])} == {np.dtype("float32")}
   assert s.recompute_old_logprobs  # The sampler's numerics are no longer the trainer's.
-  rollout.free(copy, state.params["solver"])
+  rollout.free(copy)
   assert all(x.is_deleted() for x in jax.tree.leaves(copy))
   assert not any(x.is_deleted() for x in jax.tree.leaves(state.params["solver"]))
 
@@ -77,7 +79,8 @@ def test_memory_plan_chooses_rows_per_call_and_names_the_knobs(qwen2_dir, tmp_pa
   assert roomy["peak_bytes"] == max(roomy["phases"].values())
   assert set(roomy["phases"]) == {"prefill", "decode", "train"}
   # A budget between the resident state and the one-call decode: fewer rows per call.
-  decode, resident = roomy["phases"]["decode"], roomy["phases"]["decode"] - roomy["bytes_per_device"]["kv_cache"]
+  decode = roomy["phases"]["decode"]
+  resident = decode - roomy["bytes_per_device"]["kv_cache"]
   budget = (resident + decode) / 2 / 2**30
   tight, _ = _dry_run(qwen2_dir, tmp_path / "tight", f"--config.mesh.device_memory_gib={budget}")
   assert tight["rows_per_call"] > 0 and tight["rows_per_call"] & (tight["rows_per_call"] - 1) == 0
@@ -123,4 +126,4 @@ def test_memory_plan_estimate_without_a_limit_keeps_one_call(qwen2_dir):
                                  compile_programs=False)
   assert plan["fits"] is None and plan["rows_per_call"] == 0
   assert plan["activations_measured"] == "estimated"
-  assert plan["bytes_per_device"]["rollout_copy"] == 0  # No copy on one float32 device.
+  assert plan["bytes_per_device"]["rollout_copy"] == 4 * model_config.num_params()

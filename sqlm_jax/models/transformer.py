@@ -308,6 +308,15 @@ def inference_params(params: Params, config: ModelConfig,
   return {**cast({k: v for k, v in params.items() if k != "layers"}), "layers": layers}
 
 
+def split_layers(params: Params, num_layers: int, dtype=None) -> Params:
+  """The parameters with the stacked [L, ...] layers as a tuple of L per-layer trees (what
+  `forward_with_cache` reads without slicing), every leaf cast to dtype if given."""
+  cast = (lambda tree: tree) if dtype is None else (
+      lambda tree: jax.tree.map(lambda p: p.astype(dtype), tree))
+  layers = tuple(cast(jax.tree.map(lambda p: p[i], params["layers"])) for i in range(num_layers))
+  return {**cast({k: v for k, v in params.items() if k != "layers"}), "layers": layers}
+
+
 def forward_with_cache(params: Params, config: ModelConfig, tokens: jax.Array,
                        positions: jax.Array, attention_mask: jax.Array, cache: Cache,
                        last_only: bool = False,
