@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Optional
+from typing import Any, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
@@ -31,9 +31,13 @@ from sqlm_jax.models.config import ModelConfig
 Layout = Any  # sqlm_jax.sharding.Layout (not imported: the model does not depend on it)
 
 Params = dict[str, Any]
-# {"k", "v": L arrays [B, K, S, D], "mask": [B, S] bool, "index": []}. One buffer per layer, so a
-# decode step writes its new slot in place instead of slicing a stacked cache; slots on the
-# second-last axis, so attention reads each (row, kv head) as one [S, D] matrix, untransposed.
+# {"k", "v": L tuples (one per layer) of blocks [B, K, S_b, D], "mask": [B, S] bool, "index": []},
+# S = the blocks' S_b summed; slot s of the cache is slot s - (earlier blocks' S_b) of its block.
+# One buffer per layer and block, so a decode step writes its new slot in place instead of
+# slicing a stacked cache, and a step attends over the blocks up to the one it writes, not over
+# slots nobody has written yet (a static slice of one long buffer would be copied, on XLA:CPU
+# every step). Slots on the second-last axis, so attention reads each (row, kv head) of a block
+# as one [S_b, D] matrix, untransposed.
 Cache = dict[str, Any]
 _NEG_INF = -1e30  # Finite, so fully masked rows (left padding) give uniform weights, not NaN.
 ACTIVATION_AXES = ("batch", "seq", None)  # The residual stream [B, T, E]: whole rows per device.
@@ -107,7 +111,9 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x, positions, key_mask, layer_cache, cache_index):
-    """x [B, T, E]; key_mask [B, T, S]; layer_cache (k, v) [B, K, S, D] or None."""
+    """x [B, T, E]; layer_cache None, or (k, v) tuples of the blocks [B, K, S_b, D] attended
+    over, the new keys written into the last at cache_index; key_mask [B, T, S], S = the
+    attended slots (the new tokens' own T without a cache)."""
     c = self.config
     dtype, pdtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
     init = nn.initializers.normal(0.02)
@@ -133,20 +139,16 @@ class Attention(nn.Module):
     q = _constrain(self.layout, q, ("batch", "seq", "heads", None))
 
     kk, v = kk.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, D]
-    if layer_cache is not None:  # Write the new keys/values at cache_index, attend to the cache.
-      kk, v = (_write_slots(cache, new, cache_index) for cache, new in zip(layer_cache, (kk, v)))
-      kk, v = (_constrain(self.layout, a, CACHE_AXES) for a in (kk, v))
-      layer_cache = (kk, v)
+    if layer_cache is None:
+      keys, values = (kk,), (v,)
+    else:  # Write the new keys/values into the last block at cache_index, attend to the blocks.
+      write = lambda blocks, new: blocks[:-1] + (
+          _constrain(self.layout, _write_slots(blocks[-1], new, cache_index), CACHE_AXES),)
+      keys, values = layer_cache = (write(layer_cache[0], kk), write(layer_cache[1], v))
 
     b, t = q.shape[:2]
     q = q.reshape(b, t, k, h // k, d)  # Grouped-query attention: G = H / K queries per kv head.
-    scores = _einsum("btkgd,bksd->bkgts", q, kk.astype(dtype), jnp.float32)
-    scores = scores / math.sqrt(d)
-    scores = jnp.where(key_mask[:, None, None, :, :], scores, _NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    # [B, K, G, T, D], transposed after: XLA's CPU backend rejects this bfloat16 product with a
-    # float32 result if asked to write it transposed ("Unsupported element type for DotThunk").
-    out = _einsum("bkgts,bksd->bkgtd", probs, v.astype(dtype), dtype)
+    out = _attend(q, keys, values, key_mask, dtype)  # [B, K, G, T, D]
     out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, h * d)
     # Heads and head_dim flattened first: contracting over (h, d) as two axes, XLA's CPU backend
     # transposed this activation (and in float32 the weight too) to (d, h) at every decode step.
@@ -154,6 +156,29 @@ class Attention(nn.Module):
     if c.o_bias:
       out = out + _param(self, "o_bias", (e,), ("embed",), nn.initializers.zeros, pdtype).astype(dtype)
     return out, layer_cache
+
+
+def _attend(q: jax.Array, keys: tuple, values: tuple, key_mask: jax.Array, dtype) -> jax.Array:
+  """Attention of q [B, T, K, G, D] over blocks of keys and values [B, K, S_b, D] taken as one
+  sequence of S slots; key_mask [B, T, S]. Returns [B, K, G, T, D] in dtype.
+
+  The scores of all blocks form one softmax; each block's values are then weighted by its
+  part of it and the parts summed in float32. One block is the plain attention of one buffer.
+  """
+  d = q.shape[-1]
+  scores = [_einsum("btkgd,bksd->bkgts", q, kb.astype(dtype), jnp.float32) for kb in keys]
+  scores = scores[0] if len(scores) == 1 else jnp.concatenate(scores, axis=-1)  # [B, K, G, T, S]
+  scores = scores / math.sqrt(d)
+  scores = jnp.where(key_mask[:, None, None, :, :], scores, _NEG_INF)
+  probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+  # [B, K, G, T, D], transposed after: XLA's CPU backend rejects this bfloat16 product with a
+  # float32 result if asked to write it transposed ("Unsupported element type for DotThunk").
+  out, start = None, 0
+  for vb in values:
+    part = jnp.einsum("bkgts,bksd->bkgtd", probs[..., start:start + vb.shape[2]],
+                      vb.astype(dtype), preferred_element_type=jnp.float32)
+    out, start = part if out is None else out + part, start + vb.shape[2]
+  return out.astype(dtype)
 
 
 def _write_slots(cache: jax.Array, new: jax.Array, index) -> jax.Array:
@@ -275,15 +300,24 @@ def forward(params: Params, config: ModelConfig, tokens: jax.Array, positions: j
                                                     key_mask)
 
 
-def init_cache(config: ModelConfig, batch: int, length: int, dtype=None,
+def init_cache(config: ModelConfig, batch: int, length: Union[int, Sequence[int]], dtype=None,
                layout: Optional[Layout] = None) -> Cache:
-  shape = (batch, config.num_kv_heads, length, config.head_dim)
+  """An empty cache of `length` slots per row, or of blocks of those lengths (see `Cache`)."""
+  lengths = (length,) if isinstance(length, int) else tuple(length)
   dtype = jnp.dtype(dtype or config.dtype)
-  zeros = tuple(_constrain(layout, jnp.zeros(shape, dtype), CACHE_AXES)
-                for _ in range(config.num_layers))
-  return {"k": zeros, "v": zeros,
-          "mask": _constrain(layout, jnp.zeros((batch, length), bool), ("batch", "cache_seq")),
+  # Zeros, not uninitialised memory: an unwritten slot's weight is exactly 0, and 0 * NaN is not.
+  zeros = lambda n: _constrain(layout, jnp.zeros((batch, config.num_kv_heads, n, config.head_dim),
+                                                 dtype), CACHE_AXES)
+  blocks = tuple(tuple(zeros(n) for n in lengths) for _ in range(config.num_layers))
+  return {"k": blocks, "v": blocks,
+          "mask": _constrain(layout, jnp.zeros((batch, sum(lengths)), bool),
+                             ("batch", "cache_seq")),
           "index": jnp.zeros((), jnp.int32)}
+
+
+def cache_blocks(cache: Cache) -> tuple[int, ...]:
+  """The lengths S_b of the cache's blocks."""
+  return tuple(k.shape[2] for k in cache["k"][0])
 
 
 def inference_params(params: Params, config: ModelConfig,
@@ -319,20 +353,25 @@ def split_layers(params: Params, num_layers: int, dtype=None) -> Params:
 
 def forward_with_cache(params: Params, config: ModelConfig, tokens: jax.Array,
                        positions: jax.Array, attention_mask: jax.Array, cache: Cache,
-                       last_only: bool = False,
-                       layout: Optional[Layout] = None) -> tuple[jax.Array, Cache]:
+                       last_only: bool = False, layout: Optional[Layout] = None,
+                       block: Optional[int] = None) -> tuple[jax.Array, Cache]:
   """Runs T new tokens [B, T] through the cache (prefill when T > 1, decode when T == 1).
 
-  The new keys go to slots [index, index + T); query i sees every valid slot up to its own.
+  The new keys go to slots [index, index + T), which must lie in cache block `block` (static;
+  the last by default); query i sees every valid slot up to its own. Attention reads blocks
+  0..block only, so its cost is that of the slots up to that block's end, whatever follows.
   params: stacked or from `inference_params` (faster in a loop). Returns float32 logits
   [B, T, V], or only the last position's [B, 1, V] with last_only (what prefill needs).
   """
-  t, s = tokens.shape[1], cache["mask"].shape[1]
+  lengths = cache_blocks(cache)
+  block = len(lengths) - 1 if block is None else block
+  start, end = sum(lengths[:block]), sum(lengths[:block + 1])  # The attended slots: [0, end).
+  t = tokens.shape[1]
   index = cache["index"]
   mask = jax.lax.dynamic_update_slice_in_dim(cache["mask"], attention_mask.astype(bool), index, 1)
   query_slots = index + jnp.arange(t)
-  causal = jnp.arange(s)[None, :] <= query_slots[:, None]  # [T, S]
-  key_mask = causal[None] & mask[:, None, :]  # [B, T, S]
+  causal = jnp.arange(end)[None, :] <= query_slots[:, None]  # [T, end]
+  key_mask = causal[None] & mask[:, None, :end]  # [B, T, end]
   x = jnp.take(params["embed_tokens"], tokens, axis=0).astype(config.dtype)
   x = _constrain(layout, x, ACTIVATION_AXES)
   layer = DecoderLayer(config, layout)
@@ -341,9 +380,10 @@ def forward_with_cache(params: Params, config: ModelConfig, tokens: jax.Array,
     per_layer = [jax.tree.map(lambda p, i=i: p[i], per_layer) for i in range(config.num_layers)]
   ks, vs = [], []
   for layer_params, k, v in zip(per_layer, cache["k"], cache["v"]):
-    x, (k, v) = layer.apply({"params": layer_params}, x, positions, key_mask, (k, v), index)
-    ks.append(k)
-    vs.append(v)
+    x, (new_k, new_v) = layer.apply({"params": layer_params}, x, positions, key_mask,
+                                    (k[:block + 1], v[:block + 1]), index - start)
+    ks.append(new_k + k[block + 1:])
+    vs.append(new_v + v[block + 1:])
   if last_only:
     x = x[:, -1:]
   x = RMSNorm(config.rms_norm_eps, "embed", config.dtype, config.param_dtype).apply(
