@@ -8,7 +8,8 @@ per-layer leaf has a leading `layers` axis and compile time does not grow with d
 The same layers serve training (`forward`, scanned, no cache), prefill and one-token decode
 (`forward_with_cache`, unrolled over the layers and a per-layer KV cache, so that a decode
 step copies no cache; its compile time does grow with depth): positions and the key mask are
-explicit, so left-padded batches are exact.
+explicit, so left-padded batches are exact. The cache may come in blocks (`Cache`), so that a
+step attends over the blocks written so far rather than over every slot.
 
 Given a `sharding.Layout`, activations and caches are pinned to it at layer boundaries (batch
 over the data and fsdp axes, heads and MLP width over the tensor axis), so XLA gathers the
