@@ -1,7 +1,7 @@
 """Segmented decoding against the sampler before it, side by side on the CPU in float32.
 
-  python benchmarks/sampler_segments.py [--quick] [--baseline 31cfd0b] [--batch 16]
-      [--prompt-length 64] [--new-tokens 512 64] [--runs 3]
+  python benchmarks/sampler_segments.py [--quick] [--baseline 9d0ee69] [--segments 4] [--batch 32]
+      [--prompt-length 32] [--new-tokens 512 64] [--gqa 2] [--runs 7]
 
 The sampler before segmented decoding (its prefill attends over the prompt and every answer
 slot, and each decode step over the whole cache) is `git show <baseline>:sqlm_jax/sampling.py`
@@ -95,10 +95,13 @@ def transformers_greedy(checkpoint, prompts, new_tokens, vocab):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--baseline", default="31cfd0b",
+  parser.add_argument("--baseline", default="9d0ee69",
                       help="commit whose sampler is the baseline (the last before segments)")
-  parser.add_argument("--batch", type=int, default=16)
-  parser.add_argument("--prompt-length", type=int, default=64, help="longest prompt; others vary")
+  parser.add_argument("--segments", type=int, default=None,
+                      help="the most answer blocks per call (Sampler.decode_segments; its "
+                      "default if not given)")
+  parser.add_argument("--batch", type=int, default=32)
+  parser.add_argument("--prompt-length", type=int, default=32, help="longest prompt; others vary")
   parser.add_argument("--new-tokens", type=int, nargs="+", default=[512, 64])
   parser.add_argument("--vocab", type=int, default=4096)
   parser.add_argument("--hidden", type=int, default=256)
@@ -106,7 +109,7 @@ def main():
   parser.add_argument("--layers", type=int, default=4)
   parser.add_argument("--head-dim", type=int, default=64)
   parser.add_argument("--gqa", type=int, default=2, help="query heads per kv head")
-  parser.add_argument("--runs", type=int, default=3, help="timed rounds after the warm-up call")
+  parser.add_argument("--runs", type=int, default=7, help="timed rounds after the warm-up call")
   parser.add_argument("--quick", action="store_true", help="smoke run: tiny model, short output")
   args = parser.parse_args()
   if args.quick:
@@ -126,7 +129,8 @@ def main():
     params = jax.device_put(params)
     stop = [config.vocab_size]  # Never produced: every row generates all its tokens.
     samplers = {"baseline": baseline.Sampler(config, pad_id=0, stop_ids=stop),
-                "segments": sampling.Sampler(config, pad_id=0, stop_ids=stop)}
+                "segments": sampling.Sampler(config, pad_id=0, stop_ids=stop, **(
+                    {} if args.segments is None else {"decode_segments": args.segments}))}
     lengths = [len(p) for p in prompts]
     print(f"machine: {cpu_model()}, {platform.machine()}, {os.cpu_count()} CPUs "
           f"({len(os.sched_getaffinity(0))} usable here), load average "
@@ -141,7 +145,6 @@ def main():
           f"its new tokens; baseline = the sampler of commit {args.baseline}; one warm-up call "
           f"per side, then {args.runs} interleaved rounds")
 
-    results = []
     for new_tokens in args.new_tokens:
       call = lambda name, temperature=0.0, key=0: samplers[name](
           params, prompts, jax.random.key(key), max_new_tokens=new_tokens,
@@ -165,7 +168,8 @@ def main():
       sampled = {name: call(name, temperature=1.0, key=1) for name in samplers}
       speed = {name: args.batch * new_tokens / statistics.median(times[name])
                for name in samplers}
-      print(f"\n{new_tokens} new tokens; cache blocks {blocks} (prompt bucket first):")
+      print(f"\n{new_tokens} new tokens; cache blocks {blocks} (the first holding the "
+            f"prompt's {sampling.bucket(max(lengths))} slots), one decode loop each:")
       for name in samplers:
         same = (outs[name].tokens == reference).all(axis=1)
         runs = ", ".join(f"{t:.2f}" for t in times[name])
@@ -174,17 +178,22 @@ def main():
               f"{same.sum()}/{len(same)}")
       a, b = outs["baseline"], outs["segments"]
       ratio = speed["segments"] / speed["baseline"]
+      paired = [t0 / t1 for t0, t1 in zip(times["baseline"], times["segments"])]
       greedy_same = np.array_equal(a.tokens, b.tokens)
       sampled_same = np.array_equal(sampled["baseline"].tokens, sampled["segments"].tokens)
       same_sampled = (sampled["baseline"].tokens == sampled["segments"].tokens).mean()
-      print(f"  segments / baseline: {ratio:.2f}x tokens/s; greedy tokens identical: "
+      print(f"  segments / baseline: {statistics.median(paired):.2f}x tokens/s, the median of the "
+            f"rounds' ratios ({', '.join(f'{r:.2f}' for r in paired)}); of the median calls "
+            f"{ratio:.2f}x, of the best calls "
+            f"{min(times['baseline']) / min(times['segments']):.2f}x")
+      print(f"  greedy tokens identical: "
             f"{greedy_same} (log-probs differ by at most "
             f"{np.abs(a.logprobs - b.logprobs).max():.1e}); temperature-1 tokens identical: "
             f"{sampled_same} ({same_sampled:.1%})")
-      results.append((new_tokens, ratio, greedy_same))
     print(f"\nload average {os.getloadavg()[0]:.2f} at the end")
     print("tokens/s = batch x new tokens / median wall time of a sampler call (prefill, decode "
-          "and the copy back to the host).")
+          "and the copy back to the host); a round times one call of each side, back to back, so "
+          "its ratio compares the two under the same load.")
 
 
 if __name__ == "__main__":

@@ -148,33 +148,38 @@ MIN_BLOCK = 64  # The fewest slots of an answer block (see `cache_blocks`).
 
 
 def cache_blocks(prompt_length: int, max_new_tokens: int, segments: int) -> tuple[int, ...]:
-  """The lengths of a call's cache blocks (see `transformer.Cache`): the prompt's P slots, then
-  the answer's L = max_new_tokens in n = min(segments, L // MIN_BLOCK) blocks of L / n.
+  """The lengths of a call's cache blocks (see `transformer.Cache`): the answer's L =
+  max_new_tokens slots in n = min(segments, L // MIN_BLOCK) blocks of L / n, the first of them
+  after the prompt's P slots.
 
-  The decode loop runs once per answer block, attending over the prompt and the blocks up to
-  the one it writes: a step attends over at most L / n slots more than have been written, and
-  a row of L tokens over P + L (n + 1) / 2n slots per step on average, against P + L in one
-  block (equal blocks waste the least for their number; each is one more compiled loop body,
-  so none is shorter than MIN_BLOCK). With a single answer block, prompt and answer share one
-  block of P + L slots, which decodes bit for bit as the sampler did before blocks (its
-  prefill attending over all P + L slots: a few more for short answers, and the same rounding).
+  The decode loop runs once per block, attending over the blocks up to the one it writes: a
+  step attends over at most L / n slots more than have been written, and a row of L tokens
+  over P + L (n + 1) / 2n slots per step on average, against P + L in one block (equal blocks
+  waste the least for their number; each is one more compiled loop body, so none is shorter
+  than MIN_BLOCK).
   """
   n = max(1, min(segments, max_new_tokens // MIN_BLOCK))
-  if n == 1:
-    return (prompt_length + max_new_tokens,)
   size = max_new_tokens // n
-  return (prompt_length,) + (size,) * (n - 1) + (max_new_tokens - size * (n - 1),)
+  blocks = [size] * (n - 1) + [max_new_tokens - size * (n - 1)]
+  blocks[0] += prompt_length
+  return tuple(blocks)
 
 
 def prefill(params, tokens, mask, blocks: tuple[int, ...], num_samples: int, *,
             config: ModelConfig, layout: Layout):
   """Runs left-padded prompts [B, P] into a cache of `blocks` (from `cache_blocks`), repeated for
-  N samples each. The prompt attends over the first block only (its own P slots, or P + L).
+  N samples each.
 
+  With several blocks the prompt attends over its own P slots only, and its keys and values are
+  then copied into the first block. With one, it is written into it and attends over all its
+  P + L slots: a few more for short answers, and the rounding the sampler always had.
   Returns (last logits [B*N, V], cache with B*N rows, last positions [B*N]); the repeated rows
   are split over the mesh's batch axes.
   """
-  cache = transformer.init_cache(config, tokens.shape[0], blocks[0], layout=layout)
+  batch, prompt_length = tokens.shape
+  rows = batch * num_samples
+  cache = transformer.init_cache(config, batch, blocks[0] if len(blocks) == 1 else prompt_length,
+                                 layout=layout)
   positions = transformer.positions_from_mask(mask)
   logits, cache = transformer.forward_with_cache(params, config, tokens, positions, mask, cache,
                                                  last_only=True, layout=layout)
@@ -182,17 +187,17 @@ def prefill(params, tokens, mask, blocks: tuple[int, ...], num_samples: int, *,
     x = jnp.repeat(x, num_samples, axis=0) if num_samples > 1 else x
     return layout.constrain(x, axes)
 
-  rows = tokens.shape[0] * num_samples
-  cache = {"k": tuple((repeat(k, transformer.CACHE_AXES),) for (k,) in cache["k"]),
-           "v": tuple((repeat(v, transformer.CACHE_AXES),) for (v,) in cache["v"]),
-           "mask": repeat(cache["mask"], ("batch", "cache_seq")), "index": cache["index"]}
-  if len(blocks) > 1:  # The answer's empty blocks, made with the rows they will have.
-    answer = transformer.init_cache(config, rows, blocks[1:], layout=layout)
-    cache = {"k": tuple(k + a for k, a in zip(cache["k"], answer["k"])),
-             "v": tuple(v + a for v, a in zip(cache["v"], answer["v"])),
-             "mask": layout.constrain(jnp.concatenate([cache["mask"], answer["mask"]], axis=1),
-                                      ("batch", "cache_seq")),
-             "index": cache["index"]}
+  empty = transformer.init_cache(config, rows, blocks, layout=layout)
+  def first_block(prompt, block):  # The prompt's slots at the start of the empty first block.
+    return layout.constrain(jax.lax.dynamic_update_slice_in_dim(
+        block, repeat(prompt, transformer.CACHE_AXES), 0, 2), transformer.CACHE_AXES)
+
+  cache = {"k": tuple((first_block(k, e[0]),) + e[1:] for (k,), e in zip(cache["k"], empty["k"])),
+           "v": tuple((first_block(v, e[0]),) + e[1:] for (v,), e in zip(cache["v"], empty["v"])),
+           "mask": layout.constrain(jax.lax.dynamic_update_slice_in_dim(
+               empty["mask"], repeat(cache["mask"], ("batch", "cache_seq")), 0, 1),
+               ("batch", "cache_seq")),
+           "index": cache["index"]}
   return (repeat(logits[:, -1], ("batch", "vocab")), cache,
           repeat(positions[:, -1], ("batch",)))
 
@@ -253,10 +258,9 @@ def decode(params, cache, last_logits, last_position, num_prompts, key, temperat
                          lengths=state.lengths + (~state.done).astype(jnp.int32),
                          done=now_done, cache=cache, last_token=token)
 
-  # One loop per block that answer tokens are written to, while the next slot is in it (the
-  # prompt's own block, when it has one, is full).
+  # One loop per block, while the next slot is in it.
   lengths = transformer.cache_blocks(cache)
-  for block in range(min(1, len(lengths) - 1), len(lengths)):
+  for block in range(len(lengths)):
     def cond(state: SamplingState, end=sum(lengths[:block + 1])):
       return ((state.step < max_new_tokens) & (state.cache["index"] < end)
               & ~jnp.all(state.done))

@@ -86,30 +86,30 @@ def test_prefill_then_decode_matches_full_forward(checkpoint, per_layer):
 
 
 def test_rollout_blocked_cache_matches_full_forward(checkpoint):
-  """A cache in blocks (7 prompt slots, then 3 and 2 answer slots): prefill fills the first
-  block attending over it alone, then each decode step writes the block it is in and attends
-  over the blocks up to it; the logits are the full forward's."""
+  """A cache in blocks of 8, 2 and 2 slots: prefill writes 7 tokens into the first block,
+  attending over it alone, then each decode step writes into the block its slot is in and
+  attends over the blocks up to it; the logits are the full forward's."""
   path, _ = checkpoint
   config, params = load_pretrained(path)
   tokens, mask, positions = left_padded_batch(config.vocab_size, length=12)
   full = np.asarray(forward(params, config, jnp.asarray(tokens), jnp.asarray(positions),
                             jnp.asarray(mask)))
-  cache = init_cache(config, 3, (7, 3, 2))
-  assert transformer.cache_blocks(cache) == (7, 3, 2) and cache["mask"].shape == (3, 12)
+  cache = init_cache(config, 3, (8, 2, 2))
+  assert transformer.cache_blocks(cache) == (8, 2, 2) and cache["mask"].shape == (3, 12)
   logits, cache = forward_with_cache(params, config, tokens[:, :7], positions[:, :7],
                                      mask[:, :7], cache, block=0)
   steps = [np.asarray(logits)]
   decode_params = transformer.inference_params(params, config)
-  for t, block in zip(range(7, 12), (1, 1, 1, 2, 2)):
+  for t, block in zip(range(7, 12), (0, 1, 1, 2, 2)):
     logits, cache = forward_with_cache(decode_params, config, tokens[:, t:t + 1],
                                        positions[:, t:t + 1], mask[:, t:t + 1], cache,
                                        block=block)
     steps.append(np.asarray(logits))
   cached = np.concatenate(steps, axis=1)
   assert np.abs(cached - full)[mask.astype(bool)].max() <= 1e-4
-  # Every block holds the keys written to it (none left at zero where a real token went).
+  # Every slot holds the keys written to it (none left at zero).
   for layer in cache["k"]:
-    assert all(np.abs(np.asarray(block)).sum(axis=(1, 3)).min() > 0 for block in layer[1:])
+    assert all(np.abs(np.asarray(block)).sum(axis=(1, 3)).min() > 0 for block in layer)
 
 
 def test_save_pretrained_loads_in_transformers_with_same_logits(checkpoint, tmp_path):

@@ -210,8 +210,8 @@ def test_rollout_segmented_decoding_matches_one_block(qwen2_dir):
   """Answers of 256 tokens in four blocks (four decode loops) give the tokens, lengths and
   log-probs of one loop over one block, rows stopping in different blocks."""
   config, params = load_pretrained(qwen2_dir)
-  assert sampling.cache_blocks(16, 256, 4) == (16, 64, 64, 64, 64)
-  assert sampling.cache_blocks(16, 64, 4) == (80,)  # One answer block: shared with the prompt.
+  assert sampling.cache_blocks(16, 256, 4) == (16 + 64, 64, 64, 64)
+  assert sampling.cache_blocks(16, 64, 4) == (16 + 64,)  # One block: one loop.
   segments = sampling.Sampler(config, pad_id=0, stop_ids=[1, 2, 3])
   one = sampling.Sampler(config, pad_id=0, stop_ids=[1, 2, 3], decode_segments=1)
   for temperature, samples in [(0.0, 1), (1.0, 3)]:
@@ -254,18 +254,36 @@ def test_rollout_lowering_on_8_devices_has_no_gathers_in_the_decode_loops():
   assert "checked 2 layouts" in result.stdout
 
 
-def _while_bodies(hlo: str) -> list[str]:
-  """The text of every computation that a while loop of the HLO module runs as its body."""
-  names = set(re.findall(r"body=%?([\w.\-]+)", hlo))
-  blocks = re.split(r"\n(?=\S)", hlo)
-  return [b for b in blocks if any(re.match(rf"(ENTRY )?%?{re.escape(n)}[ (]", b) for n in names)]
+def _loop_computations(hlo: str) -> tuple[int, list[str]]:
+  """(the number of while loops the HLO module's entry runs, the text of every computation
+  their bodies run: the bodies and all they call, branch to or fuse, nested loops included)."""
+  computations = {}
+  for block in re.split(r"\n(?=\S)", hlo):
+    name = re.match(r"(?:ENTRY )?%?([\w.\-]+) ", block)
+    if name:
+      computations[name.group(1)] = block
+  entry = next(b for b in computations.values() if b.startswith("ENTRY"))
+  loops = re.findall(r"\bwhile\(.*?body=%?([\w.\-]+)", entry)
+  seen, todo = set(), list(loops)
+  while todo:
+    name = todo.pop()
+    if name in seen or name not in computations:
+      continue
+    seen.add(name)
+    refs = re.findall(r"(?:calls|to_apply|body|condition|true_computation|false_computation)="
+                      r"%?([\w.\-]+)", computations[name])
+    for branches in re.findall(r"branch_computations=\{([^}]*)\}", computations[name]):
+      refs += [b.strip().lstrip("%") for b in branches.split(",")]
+    todo += refs
+  return len(loops), [computations[name] for name in seen]
 
 
 def check_lowering_on_8_devices():
   """The memory plan's use of Sampler.lower: abstract per-layer params replicated over a
   (data=8, fsdp=1, tensor=1) mesh, rows split; every program compiles and has a memory
-  analysis, and no decode loop's body all-gathers anything. On an FSDP mesh (1, 8, 1) the
-  loop bodies do gather the weights (so the check sees all-gathers where there are some)."""
+  analysis, the decode program runs one loop per cache block, and nothing those loops run
+  all-gathers. On an FSDP mesh (1, 8, 1) the loops do gather the weights (so the check sees
+  all-gathers where there are some)."""
   from sqlm_jax import sharding
   from sqlm_jax.models import transformer
   from sqlm_jax.models.config import ModelConfig
@@ -289,11 +307,11 @@ def check_lowering_on_8_devices():
       compiled = program.compile()
       assert compiled.memory_analysis().temp_size_in_bytes > 0
       texts[name] = compiled.as_text()
-    bodies = _while_bodies(texts["decode"])
-    gathers = [b.split("\n")[0] for b in bodies if "all-gather" in b]
-    assert len(bodies) >= 4, f"{len(bodies)} while bodies: at least one per answer block"
+    loops, computations = _loop_computations(texts["decode"])
+    assert loops == len(sampling.cache_blocks(16, 256, 4)) == 4, f"{loops} decode loops"
+    gathers = [c.split("\n")[0][:80] for c in computations if "all-gather" in c]
     if per_layer:
-      assert not gathers, f"decode loop bodies that all-gather: {gathers}"
+      assert not gathers, f"decode loop computations that all-gather: {gathers}"
     else:
-      assert gathers, "FSDP-sharded weights, yet no loop body all-gathers them"
+      assert gathers, "FSDP-sharded weights, yet no decode loop all-gathers them"
   print("checked 2 layouts")
