@@ -2,30 +2,40 @@
 
 With bubblewrap (`apt-get install bubblewrap`) every run gets:
 - its own mount, PID, network, IPC, UTS and cgroup namespaces: an empty root holding only the
-  interpreter, its standard library and the system library directory it loads from, read-only;
-  a private /proc with the host's kernel command line, keys and /proc/1's command line and mounts
-  hidden; a minimal /dev with a small /dev/shm; and a fresh size-limited tmpfs /tmp as its
-  working directory. The network namespace has no route out.
+  interpreter, its standard library and the shared libraries these load (resolved once, as `ldd`
+  lists them), read-only; a private /proc with the host's kernel command line and keys hidden,
+  whose pid 1 is the sandbox's own supervisor (so no /proc file shows bubblewrap's command line);
+  a /dev of null, zero, full, random, urandom, the fd links and a small /dev/shm (no terminals);
+  and a fresh size-limited tmpfs /tmp as its working directory. The network namespace has no
+  route out.
 - an unprivileged uid of its own (from a range no account, subordinate-id range or directory
   service uses), no capabilities, no_new_privs, a fresh anonymous session keyring (the
   launcher's keyring is out of reach) and a scrubbed environment.
 - a seccomp allowlist (`sqlm_jax/seccomp.py`): what CPython and its standard library use, with
-  socket() limited to AF_UNIX/AF_INET/AF_INET6; keyring calls, io_uring, userfaultfd, ptrace,
-  bpf, mount, new namespaces and the rest fail.
-- rlimits on CPU time, address space, processes, file size and core dumps, a wall-clock timeout
-  and an output cap, and where cgroups can be created (`cgroup_mode()`), a memory cgroup of its
-  own whose limit counts everything the run holds: processes, /tmp, SysV shared memory, memfds
-  and kernel memory, plus a pids limit. Without cgroups, SysV shared memory and memfds are
-  refused (and the IPC namespace's shm sysctls are 0), so the per-process RLIMIT_AS and the
-  tmpfs sizes bound what a run holds. When a limit is hit the whole sandbox is killed, so even
-  a daemonised grandchild dies with it; on a host out of memory, sandboxed processes are the
-  kernel's first choice to kill (oom_score_adj 1000), not the trainer.
+  socket() limited to AF_UNIX/AF_INET/AF_INET6 (AF_UNIX alone where no cgroup bounds socket
+  buffers); keyring calls, io_uring, userfaultfd, ptrace, bpf, mount, new namespaces, page-cache
+  probes and the rest fail.
+- no core dumps: it runs non-dumpable with RLIMIT_CORE at 1 byte (too small for a core file, and
+  the value at which the kernel starts no core_pattern helper), which seccomp keeps it from
+  changing.
+- rlimits on CPU time, address space, processes and file size, a wall-clock timeout and an
+  output cap, and where cgroups can be created (`cgroup_mode()`), cgroups of its own: a memory
+  limit counting everything the run holds (processes, /tmp, SysV shared memory, memfds, kernel
+  memory and, on cgroup v2, socket buffers; v1 bounds those by memory.kmem.tcp), a pids limit
+  and a CPU quota (`Limits.cpus`), so that a run forking spinners cannot slow the runs beside
+  it. Without cgroups, SysV shared memory, memfds and IP sockets are refused (and the IPC
+  namespace's shm sysctls are 0), so the per-process RLIMIT_AS and the tmpfs sizes bound what a
+  run holds. When a limit is hit the whole sandbox is killed, so even a daemonised grandchild
+  dies with it; on a host out of memory, sandboxed processes are the kernel's first choice to
+  kill (oom_score_adj 1000), not the trainer. `describe()` says which bounds this machine gives.
 
-A small supervisor inside the sandbox (still root, so the program cannot signal or trace it)
-reports the program's raw wait status, so `sys.exit(137)` is exit code 137 and a SIGKILL is -9.
+The supervisor (pid 1 inside, still root, so the program cannot signal or trace it) reports the
+program's raw wait status, so `sys.exit(137)` is exit code 137 and a SIGKILL is -9. A run may have
+a peer (`run(peer=...)`): a second program under another uid, joined to the first by two pipes
+only, which HumanEval uses to keep the test harness out of the completion's reach.
 
 Without bubblewrap `run` refuses unless the caller opts into a weaker mode
-(`allow_unsandboxed=True`), which keeps the rlimits, the seccomp filter, the cgroup, the uid
+(`allow_unsandboxed=True`), which keeps the rlimits, the seccomp filter, the cgroups, the uid
 drop (when root), a new session, a fresh temporary cwd, a scrubbed environment and, where
 `unshare` works, private network and PID namespaces, but shows the program the host filesystem.
 """
