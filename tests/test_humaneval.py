@@ -88,9 +88,11 @@ CHEATS = {
         "            pass\n"
         "os._exit(0)\n"),
     # Finds the nonce (32 hex digits and a newline, as read from stdin) in its process's memory
-    # or any readable /proc file, and writes it to every descriptor it has.
+    # or any readable /proc file, and writes it to every descriptor it has (before the harness
+    # ran apart, this passed wherever prctl(PR_SET_DUMPABLE) was allowed).
     "memory scan": (
-        "    import os, re\n"
+        "    import ctypes, os, re\n"
+        "    ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE: opens /proc/self/mem\n"
         "    found = set()\n"
         "    for line in open('/proc/self/maps'):\n"
         "        a, b = (int(x, 16) for x in line.split()[0].split('-'))\n"
