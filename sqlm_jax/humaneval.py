@@ -24,7 +24,10 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import json
+import marshal
+import os
 import secrets
 import sys
 from typing import Optional, Sequence
@@ -136,7 +139,7 @@ def _sqlm_receive(fd):
 
 # The harness runs first: reads the nonce, points stdin and stdout at /dev/null so that what the
 # problem's code prints cannot be mistaken for the verdict, and builds the candidate proxy.
-_HARNESS = _CODEC + r'''
+_HARNESS = r'''
 class CandidateFailed(Exception):
   """The completion's process raised, sent something other than plain builtins, or is gone."""
 def _sqlm_harness():
@@ -171,7 +174,7 @@ del _sqlm_harness
 
 # The completion's process: after `prompt + completion`, answers each request by calling the entry
 # point. Everything here is the completion's own to change; the harness trusts none of it.
-_PEER = _CODEC + r'''
+_PEER = r'''
 def _sqlm_serve(name, namespace):
   import sys
   request_fd, reply_fd = map(int, sys.argv[1:3])
@@ -202,15 +205,26 @@ def load_problems(limit: Optional[int] = None) -> list[dict]:
   return problems[:limit] if limit is not None else problems
 
 
+@functools.lru_cache(maxsize=None)
+def _codec_source() -> str:
+  """_CODEC for both processes: compiled here once and shipped as bytecode when the sandbox runs
+  this same interpreter (compiling it costs each process a few ms), else as source."""
+  from sqlm_jax import sandbox
+  if sandbox.PYTHON != os.path.realpath(sys.executable):
+    return _CODEC
+  code = marshal.dumps(compile(_CODEC, "humaneval_wire.py", "exec"))
+  return f"import marshal\nexec(marshal.loads({code!r}))\ndel marshal\n"
+
+
 def harness_program(problem: dict) -> str:
   """The harness: prints the nonce it reads from stdin iff check() passes with the proxy."""
-  return (f"{_HARNESS}{problem['prompt']}\n{problem['entry_point']} = candidate\n\n"
+  return (f"{_codec_source()}{_HARNESS}{problem['prompt']}\n{problem['entry_point']} = candidate\n\n"
           f"{problem['test']}\n\ncheck(candidate)\n_sqlm_check_returned()\n")
 
 
 def completion_program(problem: dict, completion: str) -> str:
   """The completion's process: `prompt + completion`, then it answers the harness's calls."""
-  return (f"{_PEER}{problem['prompt']}{completion}\n\n"
+  return (f"{_codec_source()}{_PEER}{problem['prompt']}{completion}\n\n"
           f"_sqlm_serve({problem['entry_point']!r}, globals())\n")
 
 

@@ -592,6 +592,15 @@ def _elf_interpreter(path: str) -> Optional[str]:
   return None
 
 
+def _system_library_dir() -> Optional[str]:
+  """The directory the C library was loaded from (e.g. /usr/lib/x86_64-linux-gnu)."""
+  for line in open("/proc/self/maps"):
+    path = line.split(maxsplit=5)[-1].strip()
+    if os.path.basename(path).startswith(("libc.so", "libc-", "ld-musl")):
+      return os.path.dirname(os.path.realpath(path))
+  return None
+
+
 def _shared_libraries(loader: Optional[str], objects: Sequence[str]) -> list[str]:
   """The shared libraries `objects` load, as `ldd` lists them (the dynamic loader's --list)."""
   if loader is None:
@@ -736,7 +745,10 @@ def _library_dirs(bound_paths: tuple[str, ...],
                 for name in sorted(os.listdir(d)) if name.endswith(".so")]
   loader = _elf_interpreter(PYTHON)
   groups, single = {}, []
-  for path in _shared_libraries(loader, [PYTHON, *extensions]) + [loader] * bool(loader):
+  libraries = _shared_libraries(loader, [PYTHON, *extensions])
+  if not libraries:  # the loader listed nothing (a static interpreter, another libc): the C
+    return (), tuple(filter(None, (_system_library_dir(), loader)))  # library's whole directory
+  for path in libraries + [loader] * bool(loader):
     chain = _symlink_chain(path)
     steps = [(os.path.dirname(step), os.path.basename(step)) for step in chain[1:]
              if not os.path.isdir(step)]  # the file and the file links on the way to it
@@ -755,8 +767,19 @@ def _library_dirs(bound_paths: tuple[str, ...],
   return tuple(stand_ins), tuple(single)
 
 
+_host_files_lock = threading.Lock()
+
+
 def _ensure_host_files():
   """Creates what _host_files() holds, again after a /tmp cleaner removed it."""
+  path = _empty_file()
+  if os.path.exists(path) and all(map(os.path.isdir, _library_copies)):
+    return
+  with _host_files_lock:
+    _make_host_files()
+
+
+def _make_host_files():
   path = _empty_file()
   if not os.path.exists(path):
     os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
