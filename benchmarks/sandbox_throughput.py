@@ -1,9 +1,10 @@
 """Programs per second through SandboxPool, against plain unsandboxed subprocesses.
 
-  python benchmarks/sandbox_throughput.py [--programs 200] [--workers N]
+  python benchmarks/sandbox_throughput.py [--programs 200] [--workers N] [--humaneval 0]
 
 (a) a trivial program run once; (b) a typical solution (sum a line of integers) run against 5
-tests, as the coding topic does. The plain baseline starts the same interpreter with the same
+tests, as the coding topic does; (c) with --humaneval P, HumanEval samples: the canonical
+solutions of the first P problems through sqlm_jax.humaneval.score (no plain baseline). The plain baseline starts the same interpreter with the same
 flags and the same number of threads, without bubblewrap, rlimits or the uid drop, so the ratio
 is the sandbox's own cost. As root with a cpuacct (cgroup v1) or cpu (v2) controller, it also
 reports the CPU time each run costs, summed over every process it starts (bubblewrap, the
@@ -83,6 +84,8 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--programs", type=int, default=200)
   parser.add_argument("--workers", type=int, default=None, help="default: os.cpu_count()")
+  parser.add_argument("--humaneval", type=int, default=0,
+                      help="also score the canonical solutions of this many HumanEval problems")
   args = parser.parse_args()
   workers = args.workers or os.cpu_count()
   cases = {
@@ -113,6 +116,16 @@ def main():
             f"({runs_per_program} run(s) per program)")
       print(f"  CPU time:  {1000 * cpu_box / len(jobs):5.1f} ms/run sandboxed, "
             f"{1000 * cpu_plain / len(jobs):5.1f} ms/run plain")
+    if args.humaneval:
+      from sqlm_jax import humaneval
+      problems = humaneval.load_problems(limit=args.humaneval)
+      samples = [[p["canonical_solution"]] for p in problems]
+      t_box, cpu_box, score = timed(lambda s: humaneval.score(problems, s, pool), samples, meter)
+      assert score["pass@1"] == 1.0, score
+      print(f"HumanEval canonical solutions, {len(problems)} problems:")
+      print(f"  sandboxed: {len(problems) / t_box:7.1f} samples/s "
+            f"({1000 * t_box / len(problems) * workers:5.1f} ms/sample per worker)")
+      print(f"  CPU time:  {1000 * cpu_box / len(problems):5.1f} ms/sample")
   meter.close()
 
 

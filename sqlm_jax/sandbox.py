@@ -2,30 +2,40 @@
 
 With bubblewrap (`apt-get install bubblewrap`) every run gets:
 - its own mount, PID, network, IPC, UTS and cgroup namespaces: an empty root holding only the
-  interpreter, its standard library and the system library directory it loads from, read-only;
-  a private /proc with the host's kernel command line, keys and /proc/1's command line and mounts
-  hidden; a minimal /dev with a small /dev/shm; and a fresh size-limited tmpfs /tmp as its
-  working directory. The network namespace has no route out.
+  interpreter, its standard library and the shared libraries these load (resolved once, as `ldd`
+  lists them), read-only; a private /proc with the host's kernel command line and keys hidden,
+  whose pid 1 is the sandbox's own supervisor (so no /proc file shows bubblewrap's command line);
+  a /dev of null, zero, full, random, urandom, the fd links and a small /dev/shm (no terminals);
+  and a fresh size-limited tmpfs /tmp as its working directory. The network namespace has no
+  route out.
 - an unprivileged uid of its own (from a range no account, subordinate-id range or directory
   service uses), no capabilities, no_new_privs, a fresh anonymous session keyring (the
   launcher's keyring is out of reach) and a scrubbed environment.
 - a seccomp allowlist (`sqlm_jax/seccomp.py`): what CPython and its standard library use, with
-  socket() limited to AF_UNIX/AF_INET/AF_INET6; keyring calls, io_uring, userfaultfd, ptrace,
-  bpf, mount, new namespaces and the rest fail.
-- rlimits on CPU time, address space, processes, file size and core dumps, a wall-clock timeout
-  and an output cap, and where cgroups can be created (`cgroup_mode()`), a memory cgroup of its
-  own whose limit counts everything the run holds: processes, /tmp, SysV shared memory, memfds
-  and kernel memory, plus a pids limit. Without cgroups, SysV shared memory and memfds are
-  refused (and the IPC namespace's shm sysctls are 0), so the per-process RLIMIT_AS and the
-  tmpfs sizes bound what a run holds. When a limit is hit the whole sandbox is killed, so even
-  a daemonised grandchild dies with it; on a host out of memory, sandboxed processes are the
-  kernel's first choice to kill (oom_score_adj 1000), not the trainer.
+  socket() limited to AF_UNIX/AF_INET/AF_INET6 (AF_UNIX alone where no cgroup bounds socket
+  buffers); keyring calls, io_uring, userfaultfd, ptrace, bpf, mount, new namespaces, page-cache
+  probes and the rest fail.
+- no core dumps: it runs non-dumpable with RLIMIT_CORE at 1 byte (too small for a core file, and
+  the value at which the kernel starts no core_pattern helper), which seccomp keeps it from
+  changing.
+- rlimits on CPU time, address space, processes and file size, a wall-clock timeout and an
+  output cap, and where cgroups can be created (`cgroup_mode()`), cgroups of its own: a memory
+  limit counting everything the run holds (processes, /tmp, SysV shared memory, memfds, kernel
+  memory and, on cgroup v2, socket buffers; v1 bounds those by memory.kmem.tcp), a pids limit
+  and a CPU quota (`Limits.cpus`), so that a run forking spinners cannot slow the runs beside
+  it. Without cgroups, SysV shared memory, memfds and IP sockets are refused (and the IPC
+  namespace's shm sysctls are 0), so the per-process RLIMIT_AS and the tmpfs sizes bound what a
+  run holds. When a limit is hit the whole sandbox is killed, so even a daemonised grandchild
+  dies with it; on a host out of memory, sandboxed processes are the kernel's first choice to
+  kill (oom_score_adj 1000), not the trainer. `describe()` says which bounds this machine gives.
 
-A small supervisor inside the sandbox (still root, so the program cannot signal or trace it)
-reports the program's raw wait status, so `sys.exit(137)` is exit code 137 and a SIGKILL is -9.
+The supervisor (pid 1 inside, still root, so the program cannot signal or trace it) reports the
+program's raw wait status, so `sys.exit(137)` is exit code 137 and a SIGKILL is -9. A run may have
+a peer (`run(peer=...)`): a second program under another uid, joined to the first by two pipes
+only, which HumanEval uses to keep the test harness out of the completion's reach.
 
 Without bubblewrap `run` refuses unless the caller opts into a weaker mode
-(`allow_unsandboxed=True`), which keeps the rlimits, the seccomp filter, the cgroup, the uid
+(`allow_unsandboxed=True`), which keeps the rlimits, the seccomp filter, the cgroups, the uid
 drop (when root), a new session, a fresh temporary cwd, a scrubbed environment and, where
 `unshare` works, private network and PID namespaces, but shows the program the host filesystem.
 """
@@ -83,6 +93,9 @@ class Limits:
   run_memory_bytes: int = 512 << 20
   # RLIMIT_NPROC, counting threads and the sandbox's init (and the cgroup's pids.max).
   max_processes: int = 8
+  # CPUs' worth of time one run may use however many processes it forks (its cgroup's CPU
+  # quota), so that one run cannot slow the runs beside it.
+  cpus: float = 1.0
   file_size_bytes: int = 16 << 20  # RLIMIT_FSIZE; the private /tmp holds twice this
   output_bytes: int = 1 << 20  # stdout + stderr read before the run is killed as output_limit
 
@@ -105,7 +118,7 @@ class RunResult:
     return self.status == "passed"
 
 
-Job = tuple  # (program, stdin, expected_stdout or None)
+Job = tuple  # (program, stdin, expected_stdout or None[, peer]); see run()
 
 
 def outputs_match(stdout: str, expected: str) -> bool:
@@ -113,18 +126,22 @@ def outputs_match(stdout: str, expected: str) -> bool:
   return stdout.split() == expected.split()
 
 
-# The first code the sandboxed interpreter runs. Still privileged, it joins the run's cgroups,
-# makes itself the host's first choice for the out-of-memory killer, turns off SysV shared memory
-# where no cgroup counts it, sets the rlimits and replaces the inherited session keyring with a
-# fresh anonymous one. It then forks: the parent stays root and only reports the program's wait
-# status (the program, another uid, cannot signal or trace it); the child drops to the run's uid,
-# installs the seccomp filter and executes the program as __main__ in this same process, which
-# saves a second interpreter start. _ctypes (not ctypes, ~10 ms to import) reaches keyctl/prctl.
+# The first code the sandboxed interpreter runs, as the sandbox's pid 1. Still privileged, it joins
+# the run's cgroups, makes itself the host's first choice for the out-of-memory killer, turns off
+# SysV shared memory where no cgroup counts it, sets the rlimits (a core limit of 1 byte: too small
+# for a core file, and the value at which the kernel starts no core_pattern helper) and replaces
+# the inherited session keyring with a fresh anonymous one. It then forks the program (and, for a
+# run with a peer, the peer): each child drops to its uid, makes itself non-dumpable, installs the
+# seccomp filter and executes its source as __main__ in this same process, which saves a second
+# interpreter start. The parent stays root, reaps every process of the sandbox and reports the
+# program's wait status; when it exits, the kernel kills whatever is left in the PID namespace.
+# A child reads its own source only after the fork, so a peer never holds the program's source.
+# _ctypes (not ctypes, ~10 ms to import) reaches keyctl/prctl.
 _WRAPPER = r"""
 import os, resource, sys, _ctypes
-uid, cpu, mem, nproc, fsize, source_fd, filter_fd, status_fd, nr_keyctl, no_shm = map(
-    int, sys.argv[1:11])
-for fd in map(int, filter(None, sys.argv[11].split(","))):
+(uid, peer_uid, cpu, mem, nproc, fsize, source_fd, peer_fd, filter_fd, status_fd, nr_keyctl,
+ no_shm) = map(int, sys.argv[1:13])
+for fd in map(int, filter(None, sys.argv[13].split(","))):
   os.write(fd, b"0")  # cgroup.procs of the run's cgroups, opened by the launcher
   os.close(fd)
 def put(path, text):
@@ -136,16 +153,12 @@ def put(path, text):
 put("/proc/self/oom_score_adj", "1000")
 for name in ("shmmax", "shmall", "shmmni") if no_shm else ():
   put("/proc/sys/kernel/" + name, "0")  # this run's own IPC namespace
-with os.fdopen(source_fd, "rb") as f:
-  source = f.read()
 with os.fdopen(filter_fd, "rb") as f:
   bpf = f.read()
 for what, soft, hard in ((resource.RLIMIT_CPU, cpu, cpu + 1), (resource.RLIMIT_AS, mem, mem),
-                         (resource.RLIMIT_NPROC, nproc, nproc), (resource.RLIMIT_CORE, 0, 0),
+                         (resource.RLIMIT_NPROC, nproc, nproc), (resource.RLIMIT_CORE, 1, 1),
                          (resource.RLIMIT_FSIZE, fsize, fsize), (resource.RLIMIT_NOFILE, 256, 256)):
   resource.setrlimit(what, (soft, hard))
-with open("main.py", "wb") as f:
-  f.write(source)
 class Long(_ctypes._SimpleCData):
   _type_ = "l"
 class Char(_ctypes._SimpleCData):
@@ -164,31 +177,70 @@ try:
 except OSError as e:
   if e.errno != 38:  # ENOSYS: a kernel without keyrings
     raise
-pid = os.fork()
-if pid:
-  call("prctl", 4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0: no /proc/<pid>/fd access for the program
-  _, status, usage = os.wait4(pid, 0)
-  os.write(status_fd, b"%d %.3f" % (status, usage.ru_utime + usage.ru_stime))
-  os._exit(0)
-os.close(status_fd)
-if os.getuid() == 0:
-  os.setgroups([])
-  os.setresgid(uid, uid, uid)
-  os.setresuid(uid, uid, uid)
+call("prctl", 4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0 (the uid is the program's own without root)
+# A peer talks to the program over two pipes: requests (program -> peer) and replies.
+channel = (*os.pipe(), *os.pipe()) if peer_fd >= 0 else ()
+def start(uid, source_fd, name, argv, keep, drop):
+  pid = os.fork()
+  if pid:
+    return pid
+  os.close(status_fd)
+  for fd in drop:
+    os.close(fd)
+  with os.fdopen(source_fd, "rb") as f:
+    source = f.read()
+  if not keep:  # a peer reads and writes only its channel (stderr stays, for its tracebacks)
+    null = os.open("/dev/null", os.O_RDWR)
+    os.dup2(null, 0)
+    os.dup2(null, 1)
+    os.close(null)
+  if os.getuid() == 0:
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
+  call("prctl", 4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0: no /proc/<pid>/mem, fd or core for others
+  code = buffer(bpf)
+  fprog = buffer((len(bpf) // 8).to_bytes(2, "little") + bytes(6)
+                 + _ctypes.addressof(code).to_bytes(8, "little"))
+  call("prctl", 38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
+  call("prctl", 22, 2, _ctypes.addressof(fprog), 0, 0)  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
+  main = type(sys)("__main__")
+  main.__file__ = name
+  main.__loader__ = Source(source.decode(errors="replace"))  # tracebacks show its lines
+  sys.excepthook = Source.excepthook
+  sys.modules["__main__"] = main
+  sys.argv = [name, *map(str, argv)]
+  exec(compile(source, name, "exec"), main.__dict__)
+  sys.exit()
 def buffer(data):
   array = type("Array", (_ctypes.Array,), {"_type_": Char, "_length_": len(data)})
   return array.from_buffer_copy(data)
-code = buffer(bpf)
-fprog = buffer((len(bpf) // 8).to_bytes(2, "little") + bytes(6)
-               + _ctypes.addressof(code).to_bytes(8, "little"))
-call("prctl", 38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
-call("prctl", 22, 2, _ctypes.addressof(fprog), 0, 0)  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
-del code, fprog, bpf, buffer, call, Function, Libc, Long, Char, put
-main = type(sys)("__main__")
-main.__file__ = "main.py"
-sys.modules["__main__"] = main
-sys.argv = ["main.py"]
-exec(compile(source, "main.py", "exec"), main.__dict__)
+class Source:
+  def __init__(self, text):
+    self.text = text
+  def get_source(self, name):
+    return self.text
+  @staticmethod
+  def excepthook(*exc_info):  # Python's, which reads lines through __loader__ (the C one cannot)
+    __import__("traceback").print_exception(*exc_info)
+sources = [source_fd] + ([peer_fd] if channel else [])
+pid = start(uid, source_fd, "main.py", channel[1:3], True,
+            [fd for fd in sources + list(channel) if fd not in (source_fd, *channel[1:3])])
+peer = channel and start(peer_uid, peer_fd, "peer.py", channel[::3], False,
+                         [fd for fd in sources + list(channel) if fd not in (peer_fd, *channel[::3])])
+for fd in sources + list(channel):
+  os.close(fd)
+while True:  # as pid 1, every orphan of the sandbox is this process's child to reap
+  done, status, usage = os.wait4(-1, 0)
+  if done == pid:
+    break
+if peer:
+  try:
+    os.kill(peer, 9)
+  except OSError:
+    pass
+os.write(status_fd, b"%d %.3f" % (status, usage.ru_utime + usage.ru_stime))
+os._exit(0)
 """
 
 
@@ -333,7 +385,7 @@ def _cgroup_parents() -> tuple[tuple[str, str, str], ...]:
     own = _own_cgroups()
     found = {}
     for version, mount, options in _cgroup_mounts():
-      for controller in ("memory", "pids"):
+      for controller in ("memory", "pids", "cpu"):
         if controller in found:
           continue
         if version == "v2":
@@ -357,10 +409,17 @@ def _cgroup_parents() -> tuple[tuple[str, str, str], ...]:
       atexit.register(_remove_cgroup, parent, 1.0)
       if version == "v2":
         _enable_controller(parent, controller)
+      if controller == "cpu":
+        # All runs share this group: against the host's other processes it weighs as much as
+        # one busy process per CPU (a pool's default), as the runs did before it existed.
+        weight = ("cpu.weight", 100 * (os.cpu_count() or 1)) if version == "v2" else (
+            "cpu.shares", 1024 * (os.cpu_count() or 1))
+        with open(os.path.join(parent, weight[0]), "w") as f:
+          f.write(str(min(weight[1], 10_000 if version == "v2" else 262_144)))
     except OSError:
       if controller == "memory":
         return ()
-      continue  # no pids controller: RLIMIT_NPROC still bounds processes
+      continue  # no pids (cpu) controller: RLIMIT_NPROC still bounds processes (no quota)
     parents.append((controller, version, parent))
   return tuple(parents)
 
@@ -382,13 +441,57 @@ def _cgroup_settings(controller: str, version: str, limits: Limits):
   """(file, value, required) for one run's cgroup."""
   memory = str(limits.run_memory_bytes)
   if controller == "pids":
-    return [("pids.max", str(limits.max_processes + 1), True)]  # + the status supervisor
-  if version == "v2":
+    return [("pids.max", str(limits.max_processes + 2), True)]  # + the supervisor and a peer
+  if controller == "cpu":
+    quota = str(max(1000, round(limits.cpus * _CPU_PERIOD_US)))
+    if version == "v2":
+      return [("cpu.max", f"{quota} {_CPU_PERIOD_US}", True)]
+    return [("cpu.cfs_period_us", str(_CPU_PERIOD_US), True), ("cpu.cfs_quota_us", quota, True)]
+  if version == "v2":  # v2 charges socket buffers to memory.max
     return [("memory.max", memory, True), ("memory.swap.max", "0", False)]
   # v1 counts kernel memory in memory.limit_in_bytes too; the kmem limit is set where the kernel
-  # still takes one, and memsw keeps swap from extending the limit.
+  # still takes one, and memsw keeps swap from extending the limit. Socket buffers have a counter
+  # of their own (memory.kmem.tcp, charged for TCP and UDP alike), unlimited unless set: where it
+  # cannot be set, _socket_memory() has seccomp refuse IP sockets instead.
   return [("memory.limit_in_bytes", memory, True), ("memory.memsw.limit_in_bytes", memory, False),
-          ("memory.kmem.limit_in_bytes", memory, False)]
+          ("memory.kmem.limit_in_bytes", memory, False),
+          ("memory.kmem.tcp.limit_in_bytes", str(_socket_bytes(limits)), _socket_memory() == "v1")]
+
+
+_CPU_PERIOD_US = 100_000
+
+
+def _socket_bytes(limits: Limits) -> int:
+  """Socket buffers one run may hold on cgroup v1, beside Limits.run_memory_bytes."""
+  return limits.run_memory_bytes // 4
+
+
+@functools.lru_cache(maxsize=None)
+def _socket_memory() -> str:
+  """How a run's socket buffers are bounded: 'v2' (memory.max counts them), 'v1' (a
+  memory.kmem.tcp limit of their own) or 'refused' (no cgroup can bound them: seccomp refuses
+  AF_INET and AF_INET6 sockets; AF_UNIX buffers are charged as ordinary kernel memory)."""
+  memory = [(version, parent) for controller, version, parent in _cgroup_parents()
+            if controller == "memory"]
+  if not memory:
+    return "refused"
+  version, parent = memory[0]
+  if version == "v2":
+    return "v2"
+  probe = os.path.join(parent, "socket-probe")
+  try:
+    os.makedirs(probe, exist_ok=True)
+    with open(os.path.join(probe, "memory.kmem.tcp.limit_in_bytes"), "w") as f:
+      f.write(str(DEFAULT_LIMITS.run_memory_bytes))
+    return "v1"
+  except OSError:
+    return "refused"
+  finally:
+    _remove_cgroup(probe, 1.0)
+
+
+def _has_cpu_quota() -> bool:
+  return any(controller == "cpu" for controller, _, _ in _cgroup_parents())
 
 
 def _make_run_cgroups(limits: Limits) -> tuple[list[str], list[int]]:
@@ -493,9 +596,27 @@ def _system_library_dir() -> Optional[str]:
   """The directory the C library was loaded from (e.g. /usr/lib/x86_64-linux-gnu)."""
   for line in open("/proc/self/maps"):
     path = line.split(maxsplit=5)[-1].strip()
-    if os.path.basename(path).startswith("libc.so") or os.path.basename(path).startswith("libc-"):
+    if os.path.basename(path).startswith(("libc.so", "libc-", "ld-musl")):
       return os.path.dirname(os.path.realpath(path))
   return None
+
+
+def _shared_libraries(loader: Optional[str], objects: Sequence[str]) -> list[str]:
+  """The shared libraries `objects` load, as `ldd` lists them (the dynamic loader's --list)."""
+  if loader is None:
+    return []
+  found = set()
+  for path in objects:
+    try:
+      listing = subprocess.run([loader, "--list", path], capture_output=True, text=True,
+                               timeout=30, env={})
+    except (OSError, subprocess.TimeoutExpired):
+      continue
+    for line in listing.stdout.splitlines():  # "libz.so.1 => /lib/.../libz.so.1 (0x...)"
+      words = [w for w in line.split() if w.startswith("/")]
+      if words and os.path.isfile(words[0]):
+        found.add(words[0])
+  return sorted(found)
 
 
 def _expose(path: str, args: list[str], made: set[str], bound: set[str]):
@@ -507,7 +628,7 @@ def _expose(path: str, args: list[str], made: set[str], bound: set[str]):
     step = os.path.join(current, parts.pop(0))
     if os.path.islink(step):
       target = os.readlink(step)
-      if step not in made:
+      if step not in made and not _under(step, bound):  # a bound directory holds its own
         _make_parents(step, args, made)
         args += ["--symlink", target, step]
         made.add(step)
@@ -515,11 +636,30 @@ def _expose(path: str, args: list[str], made: set[str], bound: set[str]):
       current = "/"
     else:
       current = step
-  if not any(current == b or current.startswith(b + "/") for b in bound):
+  if not _under(current, bound):
     _make_parents(current, args, made)
     args += ["--ro-bind", current, current]
     made.add(current)
     bound.add(current)
+
+
+def _under(path: str, directories) -> bool:
+  return any(path == d or path.startswith(d + "/") for d in directories)
+
+
+def _symlink_chain(path: str) -> list[str]:
+  """`path`, each symlink it resolves through and where it ends, as _expose walks them."""
+  chain, parts, current = [path], path.strip("/").split("/"), "/"
+  while parts:
+    step = os.path.join(current, parts.pop(0))
+    if os.path.islink(step):
+      chain.append(step)
+      parts = os.path.normpath(os.path.join(current, os.readlink(step))).strip("/").split(
+          "/") + parts
+      current = "/"
+    else:
+      current = step
+  return chain + [current]
 
 
 def _make_parents(path: str, args: list[str], made: set[str]):
@@ -534,7 +674,8 @@ def _make_parents(path: str, args: list[str], made: set[str]):
 
 def _readonly_binds() -> list[str]:
   """bwrap arguments for the interpreter, its standard library, libpython, the loader and the
-  system library directory; not /usr as a whole (no /usr/local, /usr/share, /usr/bin)."""
+  shared libraries these and the standard library's extension modules load; not /usr as a whole
+  (no /usr/local, /usr/share, /usr/bin) nor the system library directory."""
   # The base installation's paths: inside a virtualenv, "platstdlib" would be the venv's own lib
   # directory (its site-packages, and a path into the project that made it).
   base = {"base": sys.base_prefix, "platbase": sys.base_exec_prefix,
@@ -544,8 +685,15 @@ def _readonly_binds() -> list[str]:
                            sysconfig.get_config_var("INSTSONAME") or "")
   dynload = [p for p in sys.path if p.endswith("lib-dynload")]
   paths = [PYTHON, stdlib, sysconfig.get_path("platstdlib", vars=base), *dynload, libpython,
-           _elf_interpreter(PYTHON), _system_library_dir()]
+           _elf_interpreter(PYTHON)]
   args, made, bound = [], set(), set()
+  stand_ins, single = _library_dirs(tuple(filter(None, paths)), tuple(dynload))
+  for directory, stand_in in stand_ins:
+    _make_parents(directory, args, made)
+    args += ["--ro-bind", stand_in, directory]
+    made.add(directory)
+    bound.add(directory)
+  paths += single
   # Directories first, so a file inside one is not bound a second time.
   for path in sorted(filter(None, set(paths)), key=lambda p: (not os.path.isdir(p), p)):
     if os.path.exists(path):
@@ -557,27 +705,100 @@ def _readonly_binds() -> list[str]:
 
 
 # What a run's /proc would otherwise tell about the host: its kernel's command line and config,
-# its keys, and (as pid 1 is bwrap's init) the launcher's command line and mounts.
+# and its keys. (The sandbox's pid 1 is the wrapper, not bwrap, so no process inside shows bwrap's
+# command line; /proc/1/cmdline is hidden all the same.)
 _HIDDEN_PROC = ("/proc/cmdline", "/proc/config.gz", "/proc/keys", "/proc/key-users",
-                "/proc/1/cmdline", "/proc/1/mountinfo", "/proc/1/mounts")
+                "/proc/1/cmdline")
+
+# /dev holds only these device nodes (bound from the host), the fd/stdin/stdout/stderr links and
+# a small /dev/shm: no terminals (ptmx, pts, tty, console), which are a host-wide pool.
+_DEVICES = ("null", "zero", "full", "random", "urandom")
 
 
 @functools.lru_cache(maxsize=None)
-def _empty_file() -> str:
-  """An empty read-only host file to bind over what /proc should not show."""
+def _host_files() -> str:
+  """A directory of this launcher's own (removed at exit) holding what runs are shown in place of
+  host files: an empty file to bind over what /proc should not show, and the shared libraries."""
   directory = tempfile.mkdtemp(prefix="sqlm-sandbox-")
   os.chmod(directory, 0o755)
   atexit.register(shutil.rmtree, directory, True)
-  return os.path.join(directory, "empty")
+  return directory
 
 
-def _ensure_empty_file():
+def _empty_file() -> str:
+  return os.path.join(_host_files(), "empty")
+
+
+_library_copies: dict[str, tuple[tuple[str, str], ...]] = {}  # stand-in: ((name, host file), ...)
+
+
+@functools.lru_cache(maxsize=None)
+def _library_dirs(bound_paths: tuple[str, ...],
+                  skip: tuple[str, ...]) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]]:
+  """The shared libraries the interpreter and the standard library's extension modules load (as
+  `ldd` lists them), arranged for few mounts: ((host directory, stand-in), ...) and the
+  libraries left to bind one by one. A stand-in holds only the libraries of its directory (hard
+  links, or copies across filesystems) and is bound over it: one mount, however many libraries.
+  Directories holding one of `bound_paths` (libpython's, beside the standard library) keep
+  their libraries bound one by one; those under `skip` (lib-dynload) are bound whole."""
+  extensions = [os.path.join(d, name) for d in skip if os.path.isdir(d)
+                for name in sorted(os.listdir(d)) if name.endswith(".so")]
+  loader = _elf_interpreter(PYTHON)
+  groups, single = {}, []
+  libraries = _shared_libraries(loader, [PYTHON, *extensions])
+  if not libraries:  # the loader listed nothing (a static interpreter, another libc): the C
+    return (), tuple(filter(None, (_system_library_dir(), loader)))  # library's whole directory
+  for path in libraries + [loader] * bool(loader):
+    chain = _symlink_chain(path)
+    steps = [(os.path.dirname(step), os.path.basename(step)) for step in chain[1:]
+             if not os.path.isdir(step)]  # the file and the file links on the way to it
+    if any(_under(directory, skip) or any(_under(p, [directory]) for p in bound_paths
+                                          if p not in chain) for directory, _ in steps):
+      single.append(path)
+      continue
+    for directory, name in steps:
+      groups.setdefault(directory, {})[name] = chain[-1]
+  stand_ins = []
+  for i, (directory, names) in enumerate(sorted(groups.items())):
+    stand_in = os.path.join(_host_files(), f"lib-{i}")
+    _library_copies[stand_in] = tuple(sorted(names.items()))
+    stand_ins.append((directory, stand_in))
+  _ensure_host_files()
+  return tuple(stand_ins), tuple(single)
+
+
+_host_files_lock = threading.Lock()
+
+
+def _ensure_host_files():
+  """Creates what _host_files() holds, again after a /tmp cleaner removed it."""
   path = _empty_file()
-  if not os.path.exists(path):  # also after a /tmp cleaner removed it
+  if os.path.exists(path) and all(map(os.path.isdir, _library_copies)):
+    return
+  with _host_files_lock:
+    _make_host_files()
+
+
+def _make_host_files():
+  path = _empty_file()
+  if not os.path.exists(path):
     os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
     with open(path, "wb"):
       pass
     os.chmod(path, 0o444)
+  for stand_in, files in _library_copies.items():
+    if os.path.isdir(stand_in):
+      continue
+    os.makedirs(stand_in + ".new", mode=0o755, exist_ok=True)
+    for name, host_file in files:
+      target = os.path.join(stand_in + ".new", name)
+      if not os.path.exists(target):
+        try:
+          os.link(host_file, target)
+        except OSError:
+          shutil.copy2(host_file, target)
+    os.chmod(stand_in + ".new", 0o755)
+    os.rename(stand_in + ".new", stand_in)  # complete before any run binds it
 
 
 @functools.lru_cache(maxsize=None)
@@ -594,9 +815,16 @@ def _bwrap_prefix(bwrap: str, tmp_bytes: int) -> tuple[str, ...]:
   for path in _HIDDEN_PROC:
     if path.startswith("/proc/1/") or os.path.exists(path):
       hidden += ["--ro-bind", _empty_file(), path]
-  return tuple([bwrap, *isolation, "--die-with-parent", "--new-session", "--hostname", "sandbox",
-                *_readonly_binds(), "--proc", "/proc", *hidden, "--dev", "/dev",
-                "--size", str(4 << 20), "--perms", "1777", "--tmpfs", "/dev/shm",
+  dev = ["--perms", "0755", "--tmpfs", "/dev"]
+  for name in _DEVICES:
+    dev += ["--dev-bind", f"/dev/{name}", f"/dev/{name}"]
+  for link, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                       ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+    dev += ["--symlink", target, f"/dev/{link}"]
+  return tuple([bwrap, *isolation, "--as-pid-1", "--die-with-parent", "--new-session",
+                "--hostname", "sandbox", *_readonly_binds(), "--proc", "/proc", *hidden, *dev,
+                "--size", str(4 << 20), "--perms", "1777", "--tmpfs",
+                "/dev/shm",
                 "--size", str(tmp_bytes), "--perms", "1777", "--tmpfs", "/tmp", "--chdir", "/tmp",
                 "--clearenv", *[a for k, v in _ENV.items() for a in ("--setenv", k, v)]])
 
@@ -607,7 +835,7 @@ def _bwrap_problem(bwrap: str) -> Optional[str]:
   if not os.access(bwrap, os.X_OK):
     return f"bubblewrap was not found at {bwrap!r}"
   try:
-    _ensure_empty_file()
+    _ensure_host_files()
     probe = subprocess.run([*_bwrap_prefix(bwrap, 1 << 20), PYTHON, "-I", "-S", "-c", "pass"],
                            capture_output=True, env=_ENV, timeout=30)
   except (OSError, subprocess.TimeoutExpired) as e:
@@ -643,20 +871,30 @@ def check_available(allow_unsandboxed: bool = False) -> bool:
 
 
 def describe() -> dict:
-  """What this process's runs get: which memory bound, seccomp, uid range."""
+  """What this process's runs get: which memory, socket and CPU bounds, seccomp, uid range."""
+  sockets = _socket_memory()
   return {"bubblewrap": _bwrap_problem(BWRAP_PATH) or "works",
           "memory": (f"{cgroup_mode()}: one memory cgroup per run (Limits.run_memory_bytes)"
                      if _cgroup_parents() else
                      "none: no cgroup can be created here; SysV shared memory and memfds are "
                      "refused, each process is bounded by RLIMIT_AS"),
+          "sockets": {"v2": "counted in the run's memory.max (cgroup v2)",
+                      "v1": "AF_INET/AF_INET6 buffers bounded by the run's "
+                            "memory.kmem.tcp.limit_in_bytes (cgroup v1, Limits.run_memory_bytes "
+                            "/ 4, beside the memory limit)",
+                      "refused": "AF_INET/AF_INET6 sockets refused by seccomp: no cgroup here "
+                                 "can bound their buffers; AF_UNIX only"}[sockets],
+          "cpu": ("a CPU quota per run (Limits.cpus)" if _has_cpu_quota() else
+                  "none: no cpu cgroup controller here; a run that forks spinning processes "
+                  "slows the runs beside it (RLIMIT_CPU still bounds each process)"),
           "seccomp": "allowlist" if seccomp.supported() else "none (unknown architecture)",
           "uids": f"{UID_RANGE[0]}-{UID_RANGE[1] - 1}, blocks of {UID_BLOCK}"
                   if os.geteuid() == 0 else f"the launcher's ({os.geteuid()})"}
 
 
 @functools.lru_cache(maxsize=None)
-def _filter(shared_memory: bool) -> bytes:
-  return seccomp.program(shared_memory)
+def _filter(shared_memory: bool, inet_sockets: bool) -> bytes:
+  return seccomp.program(shared_memory, inet_sockets)
 
 
 # ------------------------------------------------------------------------------------------
@@ -664,13 +902,21 @@ def _filter(shared_memory: bool) -> bytes:
 
 
 def run(program: str, stdin: str = "", expected: Optional[str] = None,
-        limits: Limits = DEFAULT_LIMITS, allow_unsandboxed: bool = False) -> RunResult:
+        limits: Limits = DEFAULT_LIMITS, allow_unsandboxed: bool = False,
+        peer: Optional[str] = None) -> RunResult:
   """Runs `program` on `stdin` in a fresh sandbox.
 
   expected: the stdout it should print; then exit 0 plus matching tokens is "passed", exit 0
     with other output "failed". Without it, exit 0 is "passed". A non-zero exit or a signal is
     "crashed"; running past the wall or CPU limit "timeout"; printing more than
     limits.output_bytes "output_limit".
+  peer: source of a second program run beside `program` in the same sandbox, under a uid of its
+    own where the launcher is root (both non-dumpable, so neither can read, write, trace or, with
+    its own uid, signal the other), with /dev/null as stdin and stdout (its stderr joins the
+    run's). The two talk over two pipes, the only descriptors they share: `program` gets
+    sys.argv == ["main.py", request_write_fd, reply_read_fd], the peer ["peer.py",
+    request_read_fd, reply_write_fd]. The verdict is `program`'s alone; the peer is killed when
+    `program` exits.
   """
   sandboxed = check_available(allow_unsandboxed)
   if not seccomp.supported():
@@ -678,6 +924,7 @@ def run(program: str, stdin: str = "", expected: Optional[str] = None,
                        "sqlm_jax.seccomp has tables for x86_64 and aarch64.")
   root = os.geteuid() == 0  # only root drops each run to a uid of its own
   uid = _uids.take() if root else os.geteuid()
+  peer_uid = (_uids.take() if root else uid) if peer is not None else uid
   cpu_s = limits.cpu_s if limits.cpu_s is not None else max(1, math.ceil(limits.timeout_s))
   tmpdir, fds, cgroup_dirs, status_r = None, [], [], None
   cgroups_gone = True
@@ -685,22 +932,28 @@ def run(program: str, stdin: str = "", expected: Optional[str] = None,
     cgroup_dirs, cgroup_fds = _make_run_cgroups(limits) if _cgroup_parents() else ([], [])
     fds += cgroup_fds
     source_fd = _memfd("program", program.encode())
+    fds.append(source_fd)
+    peer_fd = _memfd("peer", peer.encode()) if peer is not None else -1
+    fds += [peer_fd] if peer is not None else []
     stdin_fd = _memfd("stdin", stdin.encode())
-    filter_fd = _memfd("filter", _filter(shared_memory=bool(cgroup_dirs)))
+    filter_fd = _memfd("filter", _filter(bool(cgroup_dirs), _socket_memory() != "refused"))
     status_r, status_w = os.pipe()
-    fds += [source_fd, stdin_fd, filter_fd, status_w]
+    fds += [stdin_fd, filter_fd, status_w]
     no_shm = int(sandboxed and not cgroup_dirs)
-    wrapper = [PYTHON, "-I", "-S", "-c", _WRAPPER, str(uid), str(cpu_s), str(limits.memory_bytes),
-               str(limits.max_processes), str(limits.file_size_bytes), str(source_fd),
-               str(filter_fd), str(status_w), str(seccomp.NUMBERS[os.uname().machine]["keyctl"]),
-               str(no_shm), ",".join(map(str, cgroup_fds))]
+    wrapper = [PYTHON, "-I", "-S", "-c", _WRAPPER, str(uid), str(peer_uid), str(cpu_s),
+               str(limits.memory_bytes), str(limits.max_processes), str(limits.file_size_bytes),
+               str(source_fd), str(peer_fd), str(filter_fd), str(status_w),
+               str(seccomp.NUMBERS[os.uname().machine]["keyctl"]), str(no_shm),
+               ",".join(map(str, cgroup_fds))]
     if sandboxed:
-      _ensure_empty_file()
+      _ensure_host_files()
       cmd, cwd = list(_bwrap_prefix(BWRAP_PATH, 2 * limits.file_size_bytes)) + wrapper, "/"
     else:
       tmpdir = tempfile.mkdtemp(prefix="sandbox-")
       if os.geteuid() == 0:
         os.chown(tmpdir, uid, uid)
+      if peer is not None:
+        os.chmod(tmpdir, 0o1777)
       cmd, cwd = list(_unshare_flags(UNSHARE_PATH)) + wrapper, tmpdir
     result = _execute(cmd, cwd, stdin_fd, fds, status_r, expected, limits, cpu_s)
     if result.exit_code == -signal.SIGKILL and _oom_kills(cgroup_dirs):
@@ -716,8 +969,10 @@ def run(program: str, stdin: str = "", expected: Optional[str] = None,
       shutil.rmtree(tmpdir, ignore_errors=True)
     if cgroup_dirs:
       cgroups_gone = _remove_run_cgroups(cgroup_dirs)
-    if root and cgroups_gone:
-      _uids.give_back(uid)  # a uid whose processes may still live is never handed out again
+    if root and cgroups_gone:  # a uid whose processes may still live is never handed out again
+      _uids.give_back(uid)
+      if peer is not None:
+        _uids.give_back(peer_uid)
 
 
 def _memfd(name: str, data: bytes) -> int:
@@ -826,8 +1081,8 @@ class SandboxPool:
 
   def run(self, jobs: Sequence[Job]) -> list[RunResult]:
     def one(job):
-      program, stdin, expected = job
-      return run(program, stdin, expected, self.limits, self.allow_unsandboxed)
+      program, stdin, expected, *peer = job
+      return run(program, stdin, expected, self.limits, self.allow_unsandboxed, *peer)
 
     return list(self._executor.map(one, jobs))
 

@@ -1,10 +1,13 @@
 """Seccomp filters for sandboxed programs: an allowlist of the system calls CPython and its standard
-library make, with socket() limited to AF_UNIX, AF_INET and AF_INET6.
+library make, with socket() limited to AF_UNIX, AF_INET and AF_INET6 (AF_UNIX alone where no
+cgroup bounds a run's socket buffers).
 
 Everything else fails with ENOSYS (so libc falls back from newer calls such as clone3, as it
 does on older kernels); among what is refused are the kernel keyring (add_key, keyctl,
 request_key), io_uring, userfaultfd, ptrace, bpf, perf_event_open, mount, namespaces (unshare,
-setns, clone with CLONE_NEW* flags), modify_ldt, and netlink, packet and AF_VSOCK sockets.
+setns, clone with CLONE_NEW* flags), modify_ldt, netlink, packet and AF_VSOCK sockets, and what
+would undo the sandbox's core-dump settings (prctl(PR_SET_DUMPABLE), changing RLIMIT_CORE) or
+probe the host's page cache (mincore, cachestat, preadv2/pwritev2 with RWF_NOWAIT).
 """
 
 from __future__ import annotations
@@ -19,20 +22,19 @@ ALLOWED = tuple("""
     read write futex mmap munmap mprotect brk madvise mremap close lseek fstat newfstatat statx
     openat open readlink readlinkat getdents64 getdents ioctl fcntl rt_sigaction rt_sigprocmask
     rt_sigreturn clock_gettime clock_getres clock_nanosleep nanosleep gettimeofday time
-    readv writev pread64 pwrite64 preadv pwritev preadv2 pwritev2 close_range creat stat lstat
+    readv writev pread64 pwrite64 preadv pwritev close_range creat stat lstat
     access faccessat faccessat2 mkdir mkdirat rmdir unlink unlinkat rename renameat renameat2
     link linkat symlink symlinkat chmod fchmod fchmodat truncate ftruncate fsync fdatasync
     fallocate getcwd chdir fchdir dup dup2 dup3 pipe pipe2 select pselect6 poll ppoll
     epoll_create epoll_create1 epoll_ctl epoll_wait epoll_pwait epoll_pwait2 eventfd eventfd2
     utime utimes utimensat futimesat umask statfs fstatfs flock sendfile copy_file_range splice
-    tee fadvise64 getxattr lgetxattr fgetxattr listxattr llistxattr flistxattr msync mincore
-    membarrier exit exit_group getpid getppid gettid getuid geteuid getgid getegid getresuid
+    tee fadvise64 getxattr lgetxattr fgetxattr listxattr llistxattr flistxattr msync membarrier exit exit_group getpid getppid gettid getuid geteuid getgid getegid getresuid
     getresgid getgroups getpgrp getpgid getsid setsid setpgid fork vfork execve wait4 waitid
     kill tgkill tkill rt_sigpending rt_sigtimedwait rt_sigsuspend sigaltstack pause times
-    getrusage getrlimit setrlimit prlimit64 sched_yield sched_getaffinity sched_setaffinity
+    getrusage getrlimit sched_yield sched_getaffinity sched_setaffinity
     sched_getparam sched_getscheduler sched_get_priority_max sched_get_priority_min getpriority
     setpriority uname sysinfo getrandom set_robust_list get_robust_list set_tid_address rseq
-    arch_prctl prctl capget getcpu alarm setitimer getitimer timer_create timer_settime
+    arch_prctl capget getcpu alarm setitimer getitimer timer_create timer_settime
     timer_gettime timer_getoverrun timer_delete timerfd_create timerfd_settime timerfd_gettime
     signalfd signalfd4 restart_syscall pidfd_open pidfd_send_signal
     bind listen accept accept4 connect getsockname getpeername sendto recvfrom sendmsg recvmsg
@@ -138,22 +140,32 @@ NUMBERS = {
 # CLONE_NEWTIME: that bit belongs to its exit-signal byte).
 _CLONE_NEW_NAMESPACES = 0x7E020000
 
+PR_SET_DUMPABLE, RLIMIT_CORE, RWF_NOWAIT = 4, 4, 0x8  # the same on x86_64 and aarch64
+
 _LD, _JEQ, _JGE, _JSET, _RET = 0x20, 0x15, 0x35, 0x45, 0x06
 _ALLOW = 0x7FFF0000
 _ERRNO = 0x00050000
-_EPERM, _ENOSYS, _EAFNOSUPPORT = 1, 38, 97
-_NR, _ARCH_OFFSET, _ARG0 = 0, 4, 16  # offsets in struct seccomp_data (low 32 bits of args[0])
+_EPERM, _ENOSYS, _EOPNOTSUPP, _EAFNOSUPPORT = 1, 38, 95, 97
+_NR, _ARCH_OFFSET = 0, 4  # offsets in struct seccomp_data
+
+
+def _arg(i: int, high: bool = False) -> int:
+  """Offset of the low (or high) 32 bits of args[i] in struct seccomp_data (little-endian)."""
+  return 16 + 8 * i + 4 * high
 
 
 def supported(machine: Optional[str] = None) -> bool:
   return (machine or platform.machine()) in _ARCH
 
 
-def program(shared_memory: bool, machine: Optional[str] = None) -> bytes:
+def program(shared_memory: bool, inet_sockets: bool = True,
+            machine: Optional[str] = None) -> bytes:
   """Classic BPF (struct sock_filter[]) for seccomp; raises on an architecture without tables.
 
   shared_memory: allow SysV shared memory and memfd_create (only where a memory cgroup
     counts them).
+  inet_sockets: allow AF_INET and AF_INET6 sockets (only where a cgroup bounds the memory their
+    buffers hold; the network namespace has no route out either way).
   """
   machine = machine or platform.machine()
   if machine not in _ARCH:
@@ -164,15 +176,37 @@ def program(shared_memory: bool, machine: Optional[str] = None) -> bytes:
            (_LD, 0, 0, _NR)]
   if x32 is not None:  # the x32 ABI shares the arch value: refuse its syscall numbers
     insns += [(_JGE, 0, 1, x32), (_RET, 0, 0, _ERRNO | _ENOSYS)]
-  # socket(family, ...): only local and IP families (no netlink, packet, AF_VSOCK ...).
-  insns += [(_JEQ, 0, 6, nr["socket"]), (_LD, 0, 0, _ARG0),
-            (_JEQ, 2, 0, AF_UNIX), (_JEQ, 1, 0, AF_INET), (_JEQ, 0, 1, AF_INET6),
-            (_RET, 0, 0, _ALLOW), (_RET, 0, 0, _ERRNO | _EAFNOSUPPORT)]
-  insns += [(_JEQ, 0, 4, nr["socketpair"]), (_LD, 0, 0, _ARG0), (_JEQ, 0, 1, AF_UNIX),
+  # socket(family, ...): only local and (where allowed) IP families (no netlink, packet,
+  # AF_VSOCK ...).
+  if inet_sockets:
+    insns += [(_JEQ, 0, 6, nr["socket"]), (_LD, 0, 0, _arg(0)),
+              (_JEQ, 2, 0, AF_UNIX), (_JEQ, 1, 0, AF_INET), (_JEQ, 0, 1, AF_INET6),
+              (_RET, 0, 0, _ALLOW), (_RET, 0, 0, _ERRNO | _EAFNOSUPPORT)]
+  else:
+    insns += [(_JEQ, 0, 4, nr["socket"]), (_LD, 0, 0, _arg(0)), (_JEQ, 0, 1, AF_UNIX),
+              (_RET, 0, 0, _ALLOW), (_RET, 0, 0, _ERRNO | _EAFNOSUPPORT)]
+  insns += [(_JEQ, 0, 4, nr["socketpair"]), (_LD, 0, 0, _arg(0)), (_JEQ, 0, 1, AF_UNIX),
             (_RET, 0, 0, _ALLOW), (_RET, 0, 0, _ERRNO | _EAFNOSUPPORT)]
   # clone(flags, ...): threads and processes, but no new namespaces.
-  insns += [(_JEQ, 0, 4, nr["clone"]), (_LD, 0, 0, _ARG0), (_JSET, 0, 1, _CLONE_NEW_NAMESPACES),
+  insns += [(_JEQ, 0, 4, nr["clone"]), (_LD, 0, 0, _arg(0)), (_JSET, 0, 1, _CLONE_NEW_NAMESPACES),
             (_RET, 0, 0, _ERRNO | _EPERM), (_RET, 0, 0, _ALLOW)]
+  # The sandbox runs programs non-dumpable with RLIMIT_CORE at 1 byte (no core file, no
+  # core_pattern helper): neither may change. Reading limits stays (getrlimit is prlimit64 with
+  # no new limit).
+  insns += [(_JEQ, 0, 4, nr["prctl"]), (_LD, 0, 0, _arg(0)), (_JEQ, 0, 1, PR_SET_DUMPABLE),
+            (_RET, 0, 0, _ERRNO | _EPERM), (_RET, 0, 0, _ALLOW)]
+  if "setrlimit" in nr:
+    insns += [(_JEQ, 0, 4, nr["setrlimit"]), (_LD, 0, 0, _arg(0)), (_JEQ, 0, 1, RLIMIT_CORE),
+              (_RET, 0, 0, _ERRNO | _EPERM), (_RET, 0, 0, _ALLOW)]
+  # prlimit64(pid, resource, new_limit, old_limit): refused for RLIMIT_CORE with a new limit.
+  insns += [(_JEQ, 0, 8, nr["prlimit64"]), (_LD, 0, 0, _arg(1)), (_JEQ, 0, 5, RLIMIT_CORE),
+            (_LD, 0, 0, _arg(2)), (_JEQ, 0, 2, 0), (_LD, 0, 0, _arg(2, high=True)),
+            (_JEQ, 1, 0, 0), (_RET, 0, 0, _ERRNO | _EPERM), (_RET, 0, 0, _ALLOW)]
+  # preadv2/pwritev2(fd, iov, iovcnt, pos_l, pos_h, flags): RWF_NOWAIT would tell whether a host
+  # file's pages are cached.
+  for name in ("preadv2", "pwritev2"):
+    insns += [(_JEQ, 0, 4, nr[name]), (_LD, 0, 0, _arg(5)), (_JSET, 0, 1, RWF_NOWAIT),
+              (_RET, 0, 0, _ERRNO | _EOPNOTSUPP), (_RET, 0, 0, _ALLOW)]
   for name in REFUSED:
     insns += [(_JEQ, 0, 1, nr[name]), (_RET, 0, 0, _ERRNO | _EPERM)]
   allowed = ALLOWED + (SHARED_MEMORY if shared_memory else ())

@@ -482,7 +482,7 @@ key = libc.syscall(L(nr["add_key"]), b"user", b"sqlm-secret", b"hunter2", L(7), 
 assert key > 0 and libc.syscall(L(nr["keyctl"]), L(5), L(key), L(perm)) == 0  # SETPERM
 session = libc.syscall(L(nr["keyctl"]), L(0), L(-3), L(0))  # GET_KEYRING_ID
 if allow_all:
-  sandbox._filter = lambda shared_memory: (0x06).to_bytes(2, "little") + bytes(2) + (
+  sandbox._filter = lambda shared_memory, inet_sockets: (0x06).to_bytes(2, "little") + bytes(2) + (
       0x7FFF0000).to_bytes(4, "little")
 with open(program + ".in", "w") as f:
   f.write(f"{key} {session}\\n")
@@ -554,14 +554,15 @@ def test_exit_codes_are_not_mistaken_for_signals():
 
 def test_proc_hides_the_hosts_command_lines_keys_and_mounts():
   result = run(f"""
-      for path in ("/proc/1/cmdline", "/proc/cmdline", "/proc/keys", "/proc/1/mountinfo"):
+      for path in ("/proc/1/cmdline", "/proc/cmdline", "/proc/keys"):
         print(path, len(open(path).read()))
-      print("mounts", open("/proc/self/mountinfo").read().count({str(REPO)!r}))
+      for path in ("/proc/self/mountinfo", "/proc/1/mountinfo"):
+        print(path, open(path).read().count({str(REPO)!r}))
       print("oom_score_adj", open("/proc/self/oom_score_adj").read())
   """)
   assert result.status == "passed", result.stderr
   assert result.stdout.split() == ["/proc/1/cmdline", "0", "/proc/cmdline", "0", "/proc/keys",
-                                   "0", "/proc/1/mountinfo", "0", "mounts", "0",
+                                   "0", "/proc/self/mountinfo", "0", "/proc/1/mountinfo", "0",
                                    "oom_score_adj", "1000"]
   assert len(open("/proc/cmdline").read()) > 0  # the host's is not empty: the test can fail
 
@@ -671,3 +672,398 @@ def test_shared_memory_and_memfds_stay_bounded_and_leave_nothing(cgroups):
   while shmem_bytes() > before + (64 << 20) and time.monotonic() < deadline:
     time.sleep(0.1)
   assert shmem_bytes() <= before + (64 << 20)
+
+
+# ------------------------------------------------------------------------------------------
+# Socket buffers, CPU share, terminals, core dumps, what /proc shows of the launcher, host
+# libraries.
+
+# Loopback TCP connections (or UDP datagrams) whose receivers never read: every byte the kernel
+# accepts stays queued in socket buffers, outside the processes' address spaces. Seven processes,
+# up to 120 connections each; prints what the kernel queued (TCP: what send() accepted; UDP: the
+# receive queues of /proc/net/udp).
+SOCKET_FLOOD = """
+import os, socket, sys, time
+udp = sys.stdin.readline().strip() == "udp"
+server = None if udp else socket.socket()
+if server:
+  server.bind(("127.0.0.1", 0))
+  server.listen(1024)
+r, w = os.pipe()
+child = False
+for _ in range(6):
+  if os.fork() == 0:
+    child = True
+    break
+held, sockets, deadline = 0, [], time.monotonic() + 4
+try:
+  while len(sockets) < 120 and time.monotonic() < deadline:
+    if udp:
+      a = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+      a.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 20)
+      a.bind(("127.0.0.1", 0))
+      b = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+      for _ in range(200):
+        b.sendto(b"x" * 65000, a.getsockname())
+    else:
+      a = socket.create_connection(server.getsockname())
+      b, _ = server.accept()
+      a.setblocking(False)
+      try:
+        while True:
+          held += a.send(b"x" * (1 << 20))
+      except OSError:
+        pass
+    sockets.append((a, b))
+except OSError:
+  pass
+os.write(w, b"%d\\n" % held)
+if child:
+  time.sleep(3)
+  os._exit(0)
+time.sleep(0.5)
+os.close(w)
+if udp:
+  held = sum(int(line.split()[4].split(":")[1], 16)
+             for line in open("/proc/net/udp").readlines()[1:])
+else:
+  held = sum(map(int, os.read(r, 1 << 16).split()))
+print("held_mib", held >> 20, flush=True)
+time.sleep(2.5)
+"""
+
+
+def available_memory():
+  return int(open("/proc/meminfo").read().split("MemAvailable:")[1].split()[0]) << 10
+
+
+@pytest.mark.parametrize("protocol", ["tcp", "udp"])
+def test_socket_buffers_stay_within_the_runs_memory(protocol):
+  if sandbox._socket_memory() == "refused":
+    result = run("import socket; socket.socket()")
+    assert result.status == "crashed" and "Address family not supported" in result.stderr
+    return
+  lowest, stop = [available_memory()], threading.Event()
+  before = lowest[0]
+
+  def sample():
+    while not stop.wait(0.05):
+      lowest.append(available_memory())
+
+  sampler = threading.Thread(target=sample)
+  sampler.start()
+  try:
+    result = cli(SOCKET_FLOOD, stdin=protocol + "\n")
+  finally:
+    stop.set()
+    sampler.join()
+  assert result["status"] == "passed", result
+  held_mib = int(result["stdout"].split("held_mib")[1])
+  assert 0 < held_mib <= sandbox.DEFAULT_LIMITS.run_memory_bytes >> 20, result["stdout"]
+  assert before - min(lowest) < (1 << 30), f"host memory fell by {(before - min(lowest)) >> 20} MiB"
+
+
+def test_inet_sockets_are_refused_where_no_cgroup_bounds_their_buffers():
+  result = cli("""
+      import socket
+      for family in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX):
+        try:
+          socket.socket(family, socket.SOCK_STREAM)
+          print(family.name, "open")
+        except OSError as e:
+          print(family.name, "refused", e.errno)
+  """, env={"SQLM_SANDBOX_CGROUPS": "0"})
+  assert result["stdout"].split("\n")[:3] == ["AF_INET refused 97", "AF_INET6 refused 97",
+                                              "AF_UNIX open"]
+  described = subprocess.run([sys.executable, "-m", "sqlm_jax.sandbox", "--describe"],
+                             capture_output=True, text=True, cwd=REPO, check=True,
+                             env={**os.environ, "SQLM_SANDBOX_CGROUPS": "0"}).stdout
+  assert "refused by seccomp" in json.loads(described)["sockets"]
+
+
+CPU_BOUND = "n = 0\nfor i in range(3_000_000):\n  n += i * i\nprint(n)\n"
+# Forks spinning processes up to its process limit.
+SPINNER = """
+import os
+for _ in range(16):
+  try:
+    if os.fork() == 0:
+      break
+  except OSError:
+    break
+while True:
+  pass
+"""
+
+
+# An honest CPU-bound run's wall time alone and beside a run that forks spinners, the median of
+# three of each; run by the CLI's code path in a process of its own.
+CPU_SHARE_PROBE = f"""
+import json, threading, time
+from sqlm_jax import sandbox
+honest, spinner = {CPU_BOUND!r}, {SPINNER!r}
+limits = sandbox.Limits(timeout_s=30)
+alone, beside = [], []
+for _ in range(3):
+  alone.append(sandbox.run(honest, limits=limits).time_s)
+  thread = threading.Thread(target=sandbox.run, args=(spinner,),
+                            kwargs={{"limits": sandbox.Limits(timeout_s=4)}})
+  thread.start()
+  time.sleep(1)  # its processes are up and spinning
+  result = sandbox.run(honest, limits=limits)
+  assert result.passed, result
+  beside.append(result.time_s)
+  thread.join()
+print(json.dumps([sorted(alone)[1], sorted(beside)[1]]))
+"""
+
+
+def test_a_run_that_forks_spinners_does_not_starve_the_one_beside_it():
+  if not sandbox._has_cpu_quota():
+    pytest.skip("no cpu cgroup controller here")
+  # Measured in a cpu cgroup that outweighs the machine's other processes, so that what is
+  # compared is the two runs, not the load other jobs put on the machine.
+  parents = {c: (v, d) for c, v, d in sandbox._cgroup_parents()}
+  version, parent = parents["cpu"]
+  group = os.path.join(os.path.dirname(parent), f"sqlm-test-cpu-{uuid.uuid4().hex[:8]}")
+  os.mkdir(group)
+  try:
+    with open(os.path.join(group, "cpu.weight" if version == "v2" else "cpu.shares"), "w") as f:
+      f.write("10000" if version == "v2" else "262144")
+    out = subprocess.run(["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$@"', "sh",
+                          sys.executable, "-c", CPU_SHARE_PROBE], capture_output=True, text=True,
+                         cwd=REPO, check=True).stdout
+  finally:
+    sandbox._remove_cgroup(group, 5.0)
+  alone, beside = json.loads(out)
+  assert beside < 2.5 * alone, f"alone {alone:.2f} s, beside the spinners {beside:.2f} s"
+
+
+def test_a_run_uses_no_more_than_its_cpu_share():
+  if not sandbox._has_cpu_quota():
+    assert "none" in sandbox.describe()["cpu"]
+    return
+  # Four spinning processes for 2 s of wall time: at a quota of 0.5 CPU they get about 1 s.
+  result = run("""
+      import os, time
+      for _ in range(3):
+        if os.fork() == 0:
+          break
+      end = time.monotonic() + 2
+      while time.monotonic() < end:
+        pass
+      if os.getpid() == 2:
+        time.sleep(0.3)
+        print(sum(os.times()[2:4]))
+  """, limits=sandbox.Limits(timeout_s=10, cpus=0.5))
+  assert result.status == "passed", result.stderr
+  assert float(result.stdout) < 1.5, result.stdout
+
+
+def test_no_terminals_in_dev():
+  result = run("""
+      import os
+      print(sorted(os.listdir("/dev")))
+      for path in ("/dev/ptmx", "/dev/pts", "/dev/tty", "/dev/console"):
+        print(path, os.path.exists(path))
+      try:
+        os.openpty()
+        print("openpty works")
+      except OSError as e:
+        print("openpty refused", e.errno)
+      with open("/dev/urandom", "rb") as f, open("/dev/null", "wb") as null:
+        null.write(f.read(16))
+  """)
+  assert result.status == "passed", result.stderr
+  lines = result.stdout.splitlines()
+  assert eval(lines[0]) == ["fd", "full", "null", "random", "shm", "stderr", "stdin", "stdout",
+                            "urandom", "zero"]
+  assert lines[1:5] == [f"{p} False" for p in ("/dev/ptmx", "/dev/pts", "/dev/tty",
+                                               "/dev/console")]
+  assert lines[5].startswith("openpty refused")
+
+
+def test_a_program_cannot_make_itself_dumpable_or_change_its_core_limit():
+  result = run("""
+      import ctypes, os, resource, subprocess, sys
+      libc = ctypes.CDLL(None, use_errno=True)
+      print("dumpable", libc.prctl(3, 0, 0, 0, 0))  # PR_GET_DUMPABLE
+      print("set_dumpable", libc.prctl(4, 1, 0, 0, 0), ctypes.get_errno())
+      print("core", resource.getrlimit(resource.RLIMIT_CORE))
+      for limit in ((0, 0), (0, 1), (1, 1)):
+        for name, call in (("setrlimit", lambda: resource.setrlimit(resource.RLIMIT_CORE, limit)),
+                           ("prlimit", lambda: resource.prlimit(0, resource.RLIMIT_CORE, limit))):
+          try:
+            call()
+            print(name, limit, "changed")
+          except (OSError, ValueError) as e:  # Python reports setrlimit's EPERM as ValueError
+            print(name, limit, "refused", type(e).__name__)
+      print("core", resource.getrlimit(resource.RLIMIT_CORE))
+      print("other limits", resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64)))
+      # Crashes: a forked child (non-dumpable) and a new program (dumpable again after exec), each
+      # by deep recursion. Neither may leave a core dump.
+      crash = "import sys\\nsys.setrecursionlimit(10 ** 6)\\nf = lambda n: list(map(f, [n]))\\nf(0)"
+      sys.stdout.flush()
+      pid = os.fork()
+      if pid == 0:
+        exec(crash)
+        os._exit(0)
+      _, status = os.waitpid(pid, 0)
+      print("fork", os.WTERMSIG(status), os.WCOREDUMP(status))
+      child = subprocess.Popen([sys.executable, "-I", "-S", "-c", crash])
+      _, status = os.waitpid(child.pid, 0)
+      print("exec", os.WTERMSIG(status), os.WCOREDUMP(status))
+      print("files", sorted(f for f in os.listdir(".") if "core" in f))
+  """, limits=sandbox.Limits(timeout_s=20))
+  assert result.status == "passed", result.stderr
+  lines = result.stdout.splitlines()
+  assert lines[:3] == ["dumpable 0", "set_dumpable -1 1", "core (1, 1)"]
+  assert all(" refused " in line for line in lines[3:9]), lines[3:9]
+  assert lines[9:] == ["core (1, 1)", "other limits None", "fork 11 False", "exec 11 False",
+                       "files []"]
+
+
+@pytest.mark.skipif(os.environ.get("SQLM_TEST_CORE_PATTERN") != "1" or os.geteuid() != 0,
+                    reason="sets the host's kernel.core_pattern for a few seconds: opt in with "
+                           "SQLM_TEST_CORE_PATTERN=1 (as root)")
+def test_a_crash_never_starts_the_hosts_core_dump_helper(tmp_path):
+  # A pipe core_pattern (systemd-coredump, apport) starts its helper as root on the host for any
+  # dumpable crash whatever RLIMIT_CORE is, except 1: install one that records each call.
+  calls = tmp_path / "calls"
+  helper = tmp_path / "helper.sh"
+  helper.write_text(f"#!/bin/sh\necho \"$1\" >> {calls}\ncat > /dev/null\n")
+  helper.chmod(0o755)
+  pattern_file = "/proc/sys/kernel/core_pattern"
+  original = open(pattern_file).read().rstrip("\n")
+  try:
+    with open(pattern_file, "w") as f:
+      f.write(f"|{helper} %p")
+    crash = "import sys\\nsys.setrecursionlimit(10 ** 6)\\nf = lambda n: list(map(f, [n]))\\nf(0)"
+    result = run(f"""
+        import ctypes, os, subprocess, sys
+        ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE, refused
+        pid = os.fork()
+        if pid == 0:
+          exec("{crash}")
+          os._exit(0)
+        print(os.waitpid(pid, 0)[1] & 0x7f)
+        print(subprocess.run([sys.executable, "-I", "-S", "-c", "{crash}"]).returncode)
+    """, limits=sandbox.Limits(timeout_s=20))
+    # The same crash outside the sandbox does start the helper: the test can fail.
+    subprocess.run([sandbox.PYTHON, "-I", "-S", "-c", crash.replace("\\n", "\n")],
+                   preexec_fn=lambda: __import__("resource").setrlimit(
+                       __import__("resource").RLIMIT_CORE, (0, 0)))
+    deadline = time.monotonic() + 5
+    while not calls.exists() and time.monotonic() < deadline:
+      time.sleep(0.1)
+  finally:
+    with open(pattern_file, "w") as f:
+      f.write(original)
+  assert result.stdout.split() == ["11", "-11"], result
+  assert len(calls.read_text().split()) == 1  # the host's own crash only
+
+
+def test_no_proc_file_shows_the_launchers_command_line_or_environment(monkeypatch):
+  monkeypatch.setenv("SQLM_TEST_LAUNCHER_SECRET", "launcher-env-7f3a")
+  result = run(f"""
+      import os
+      skip = {{"mem", "pagemap", "clear_refs", "kpageflags", "kpagecount", "kpagecgroup"}}
+      found, read = set(), 0
+      def scan(directory):
+        global read
+        for name in os.listdir(directory):
+          path = os.path.join(directory, name)
+          if name in skip or not os.path.isfile(path):
+            continue
+          try:
+            with open(path, "rb") as f:
+              data = f.read(1 << 20)
+          except OSError:
+            continue
+          read += 1
+          for needle in (b"--ro-bind", b"--unshare", b"--setenv", b"--clearenv", b"bwrap",
+                         b"launcher-env-7f3a", {str(REPO).encode()!r}):
+            if needle in data:
+              found.add((path, needle.decode()))
+      for pid in filter(str.isdigit, os.listdir("/proc")):
+        scan(f"/proc/{{pid}}")
+        for tid in os.listdir(f"/proc/{{pid}}/task"):
+          scan(f"/proc/{{pid}}/task/{{tid}}")
+      print(read, sorted(found))
+  """)
+  assert result.status == "passed", result.stderr
+  read, found = result.stdout.split(" ", 1)
+  assert int(read) > 50 and found.strip() == "[]", found
+
+
+def test_page_cache_probes_are_refused_and_only_loaded_libraries_are_bound():
+  libc = next(line.split()[-1] for line in open("/proc/self/maps") if "/libc.so" in line
+              or "/libc-" in line)
+  host_libs = sorted(os.listdir(os.path.dirname(libc)))
+  result = run(f"""
+      import ctypes, os
+      libc = ctypes.CDLL(None, use_errno=True)
+      fd = os.open({libc!r}, os.O_RDONLY)
+      try:
+        os.preadv(fd, [bytearray(4096)], 0, os.RWF_NOWAIT)
+        print("preadv2 RWF_NOWAIT works")
+      except OSError as e:
+        print("preadv2 RWF_NOWAIT refused", e.errno)
+      print("preadv2", os.preadv(fd, [bytearray(4)], 0, 0))
+      page = ctypes.create_string_buffer(1)
+      print("mincore", libc.mincore(ctypes.c_void_p(0x400000), ctypes.c_size_t(4096), page),
+            ctypes.get_errno())
+      print(sorted(os.listdir({os.path.dirname(libc)!r})))
+  """)
+  assert result.status == "passed", result.stderr
+  lines = result.stdout.splitlines()
+  assert lines[:3] == ["preadv2 RWF_NOWAIT refused 95", "preadv2 4", "mincore -1 38"]
+  inside = eval(lines[3])
+  assert os.path.basename(libc) in inside and set(inside) < set(host_libs)
+  assert len(inside) < 100 and len(inside) < len(host_libs) / 2, (len(inside), len(host_libs))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a peer gets a uid of its own only as root")
+def test_a_peer_cannot_signal_trace_or_read_the_program():
+  # The program waits for the peer's findings on the channel and prints them; the peer tries to
+  # reach the program every way it can think of.
+  program = """
+      import os, sys
+      request, reply = map(int, sys.argv[1:3])
+      secret = "program-secret-" + sys.stdin.readline().strip()
+      os.write(request, b"go")
+      print(os.getuid(), os.read(reply, 1 << 16).decode())
+  """
+  peer = """
+      import ctypes, os, signal, sys
+      request, reply = map(int, sys.argv[1:3])
+      os.read(request, 2)
+      program = next(int(p) for p in filter(str.isdigit, os.listdir("/proc"))
+                     if int(p) not in (1, os.getpid()))
+      found = [str(os.getuid()), str(sorted(int(fd) for fd in os.listdir("/proc/self/fd")))]
+      for name, attempt in (
+          ("kill", lambda: os.kill(program, signal.SIGSTOP)),
+          ("mem", lambda: open(f"/proc/{program}/mem", "rb").read(1)),
+          ("fd", lambda: os.listdir(f"/proc/{program}/fd")),
+          ("environ", lambda: open(f"/proc/{program}/environ", "rb").read())):
+        try:
+          attempt()
+          found.append(name + " ok")
+        except OSError as e:
+          found.append(name + " " + type(e).__name__)
+      found.append(f"stdin {len(os.read(0, 100))}")  # /dev/null
+      ptrace = ctypes.CDLL(None, use_errno=True).ptrace(16, program, 0, 0)  # PTRACE_ATTACH
+      found.append(f"ptrace {ptrace} {ctypes.get_errno()}")
+      print("peer stdout")  # /dev/null
+      os.write(reply, " ".join(found).encode())
+  """
+  result = sandbox.run(textwrap.dedent(program), "42\n", limits=FAST, peer=textwrap.dedent(peer))
+  assert result.status == "passed", result.stderr
+  uid, peer_uid, rest = result.stdout.split(" ", 2)
+  fds, found = rest.split("] ")
+  assert uid != peer_uid
+  assert "peer stdout" not in result.stdout and "program-secret" not in result.stdout
+  assert len(eval(fds + "]")) == 6  # stdin, stdout, stderr, two pipe ends, listdir's own
+  assert found.split() == ["kill", "PermissionError", "mem", "PermissionError", "fd",
+                           "PermissionError", "environ", "PermissionError", "stdin", "0",
+                           "ptrace", "-1", "38"]
