@@ -13,7 +13,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sqlm_jax import checkpoints, config_base, rewards, rl, sharding
+from sqlm_jax import checkpoints, config_base, multihost, rewards, rl, sharding
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.",
                                           lock_config=True)
@@ -233,7 +233,7 @@ def main(argv) -> None:
   except (sharding.MeshError, memory_plan.PlanError) as error:
     print(f"Config error: {error}", file=sys.stderr)
     sys.exit(2)
-  except checkpoints.ResumeError as error:
+  except (checkpoints.ResumeError, multihost.WorkdirError) as error:
     print(f"Cannot run in this workdir: {error}", file=sys.stderr)
     sys.exit(2)
   if not sharding.is_writer():
@@ -259,6 +259,7 @@ def dry_run(config, workdir: str) -> None:
   sharding.initialize(config.mesh)
   sharding.use_compile_cache(config.compile_cache_dir)
   layouts = roles.role_layouts(config)
+  roles.fit_micro_batch(config, layouts)
   model_config, _ = roles.model_configs(config)
   task, _ = roles.make_task(config)
   plan = memory_plan.memory_plan(config, model_config, layouts,
