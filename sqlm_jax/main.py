@@ -224,6 +224,11 @@ def main(argv) -> None:
     sys.exit(2)
   name = os.path.splitext(os.path.basename(config_flags.get_config_filename(flags.FLAGS["config"])))[0]
   workdir = _WORKDIR.value or os.path.join("runs", name)
+  if "://" in workdir:
+    print(f"Config error: --workdir={workdir}: checkpoints could go there, but the logs, "
+          "TensorBoard files and exports are written as local files; mount the bucket (e.g. "
+          "gcsfuse) at the same path on every host and pass that path.", file=sys.stderr)
+    sys.exit(2)
   from sqlm_jax import memory_plan, selfplay  # After validation: loading JAX takes seconds.
   try:
     if _DRY_RUN.value:
@@ -233,8 +238,11 @@ def main(argv) -> None:
   except (sharding.MeshError, memory_plan.PlanError) as error:
     print(f"Config error: {error}", file=sys.stderr)
     sys.exit(2)
-  except (checkpoints.ResumeError, multihost.WorkdirError) as error:
+  except checkpoints.ResumeError as error:
     print(f"Cannot run in this workdir: {error}", file=sys.stderr)
+    sys.exit(2)
+  except multihost.MultihostError as error:
+    print(f"Cannot start the processes together: {error}", file=sys.stderr)
     sys.exit(2)
   if not sharding.is_writer():
     return

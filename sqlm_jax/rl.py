@@ -83,7 +83,7 @@ def default_config() -> ml_collections.ConfigDict:
       the norm before clipping.
     skip_nonfinite_updates (optional): an optimizer step whose gradient norm is not finite
       (NaN / inf) leaves the parameters and optimizer state as they were; the update reports
-      skipped_updates = 1 for it. Ours (on); verl applies it.
+      skipped_updates = 1 for it. Ours: on.
     clip_eps_low, clip_eps_high: the PPO ratio is clipped to [1 - low, 1 + high]; a larger
       high side (DAPO's clip-higher) lets unlikely tokens with positive advantage grow.
       Ours 0.2 / 0.28; verl 0.2 / 0.2.

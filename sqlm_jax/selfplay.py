@@ -349,6 +349,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   sharding.use_compile_cache(config.compile_cache_dir)
   writes = sharding.is_writer()
   say = print if writes else (lambda *args, **kwargs: None)
+  multihost.check_same_software()
   multihost.check_shared_workdir(workdir)
   # (step, host data) of the checkpoint to resume (None: start), and the summary of a run that
   # is already done: process 0's reading of the workdir, or its refusal, on every process.
