@@ -267,6 +267,7 @@ def dry_run(config, workdir: str) -> None:
   sharding.initialize(config.mesh)
   sharding.use_compile_cache(config.compile_cache_dir)
   layouts = roles.role_layouts(config)
+  roles.check_batch_rule(layouts)
   roles.fit_micro_batch(config, layouts)
   model_config, _ = roles.model_configs(config)
   task, _ = roles.make_task(config)

@@ -150,6 +150,20 @@ def role_layouts(config) -> dict[str, sharding.Layout]:
           for role, devices in halves.items()}
 
 
+def check_batch_rule(layouts: dict[str, sharding.Layout]) -> None:
+  """Refuses rules that leave training rows whole over a data or fsdp axis: every device of
+  that axis would compute every row (an N-fold slowdown, or out of memory)."""
+  for layout in layouts.values():
+    axes = dict(layout.rules).get("batch") or ()
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    whole = [a for a in ("data", "fsdp") if layout.mesh.shape[a] > 1 and a not in axes]
+    if whole:
+      raise sharding.MeshError(
+          f"mesh.rules.batch={','.join(axes)!r} does not split batch rows over mesh axis "
+          f"{' and '.join(whole)} (size {math.prod(layout.mesh.shape[a] for a in whole)}): each "
+          "of its devices would compute every row. Pass --config.mesh.rules.batch=data,fsdp.")
+
+
 def fit_micro_batch(config, layouts: dict[str, sharding.Layout]) -> int:
   """rl.micro_batch_size rounded up to a multiple of every role's batch shards (mesh.data x
   mesh.fsdp), in place, with a warning naming the knob: a micro-batch the shards do not divide
@@ -236,6 +250,7 @@ def _shapes(model_config: ModelConfig):
 
 def setup(config: ml_collections.ConfigDict) -> tuple[Setup, RunState]:
   layouts = role_layouts(config)
+  check_batch_rule(layouts)
   fit_micro_batch(config, layouts)
   model_config, rollout_config = model_configs(config)
   tokenizer = load_tokenizer(config.model.path)

@@ -75,17 +75,23 @@ def test_multihost_micro_batch_of_3_on_8_batch_shards_runs_padded(qwen2_dir, mon
   assert batch["tokens"].shape[0] % 8 == 0
   assert batch["tokens"].sharding.spec[0] == ("data", "fsdp")  # Split, never replicated.
   before = np.asarray(state.params["solver"]["embed_tokens"])
-  state, metrics, _ = selfplay.train_step(s, state, jax.random.key(0))
-  assert np.isfinite(metrics["solver/loss"]) and metrics["skipped_updates"] == 0
-  assert not np.array_equal(before, np.asarray(state.params["solver"]["embed_tokens"]))
+  params, _, metrics = s.roles["solver"].update(state.params["solver"],
+                                                state.opt_state["solver"], batch, 0)
+  assert np.isfinite(metrics["loss"]) and metrics["skipped_updates"] == 0
+  assert 0 < metrics["sequences"] <= 20 < batch["tokens"].shape[0]  # Padding rows never count.
+  assert not np.array_equal(before, np.asarray(params["embed_tokens"]))
 
 
-def test_multihost_micro_batch_that_cannot_be_padded_is_refused(qwen2_dir):
+def test_multihost_micro_batch_or_batch_rule_that_would_replicate_rows_is_refused(qwen2_dir):
   config = tiny_config(qwen2_dir, **{"mesh.data": 2, "mesh.fsdp": 4, "rl.micro_batch_size": 3,
                                      "rl.ppo_mini_batch_size": 12})
   with pytest.raises(sharding.MeshError, match=r"rl.micro_batch_size=3 .* 8 batch shards .*"
                      r"rl.ppo_mini_batch_size=12"):
     roles.fit_micro_batch(config, roles.role_layouts(config))
+  config = tiny_config(qwen2_dir, **{"mesh.data": 2, "mesh.fsdp": 4, "mesh.rules.batch": "data"})
+  with pytest.raises(sharding.MeshError, match=r"mesh.rules.batch='data' does not split batch "
+                     r"rows over mesh axis fsdp \(size 4\).*rules.batch=data,fsdp"):
+    roles.check_batch_rule(roles.role_layouts(config))
 
 
 def _rollout(s, state):
