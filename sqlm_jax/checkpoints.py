@@ -21,8 +21,9 @@ import sys
 from typing import Any, Optional
 
 import jax
+from etils import epath
 
-from sqlm_jax import sharding
+from sqlm_jax import multihost, sharding
 from sqlm_jax.models import ModelConfig, save_pretrained
 
 # Files of a checkpoint folder that are not weights: copied so an export is self-contained.
@@ -55,21 +56,30 @@ def _ocp():
   return ocp
 
 
-def manager(workdir: str, keep: int = 0, read_only: bool = False):
+def workdir_path(workdir: str) -> epath.Path:
+  """A workdir as an epath.Path: local folders (made absolute) and gs:// alike."""
+  return epath.Path(workdir if "://" in workdir else os.path.abspath(workdir))
+
+
+def manager(workdir: str, keep: int = 0, read_only: bool = False, this_process_only: bool = False):
   """The CheckpointManager of WORKDIR/checkpoints, keeping the newest `keep` (0 = all).
 
   `read_only` for readers beside a live run (exports): it neither creates, deletes, nor
-  cleans up the unfinished folder of a save in progress.
+  cleans up the unfinished folder of a save in progress. `this_process_only`: a reader that
+  one process of a multi-process run opens alone (it takes part in no collective).
   """
   ocp = _ocp()
   if read_only:
-    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+    alone = {}
+    if this_process_only:
+      alone["multiprocessing_options"] = ocp.options.MultiprocessingOptions(
+          primary_host=jax.process_index(), active_processes={jax.process_index()})
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False, **alone)
   else:
     options = ocp.CheckpointManagerOptions(
         preservation_policy=ocp.checkpoint_managers.LatestN(keep) if keep else None,
         enable_async_checkpointing=True, create=True, cleanup_tmp_directories=True)
-  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)),
-                               options=options)
+  return ocp.CheckpointManager(workdir_path(workdir) / CHECKPOINT_DIR, options=options)
 
 
 def folder(mngr, step: int) -> str:
@@ -103,18 +113,23 @@ def restore(mngr, abstract_arrays, newest: int) -> Optional[tuple[int, dict, dic
   """(step, arrays, host) of the newest complete checkpoint at or below `newest`.
 
   `abstract_arrays` are jax.ShapeDtypeStructs carrying the current run's shardings, so the
-  arrays land on this run's mesh whatever mesh saved them. A folder that fails to read is
-  skipped with a warning naming it, and the one before it is tried.
+  arrays land on this run's mesh whatever mesh saved them. A folder that fails to read (on any
+  process: they agree) is skipped with a warning naming it, and the one before it is tried.
   """
   ocp = _ocp()
   restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_arrays)
   for step in sorted((s for s in mngr.all_steps() if s <= newest), reverse=True):
+    out, error = None, None
     try:
       out = mngr.restore(step, args=ocp.args.Composite(
           state=ocp.args.PyTreeRestore(item=abstract_arrays, restore_args=restore_args),
           host=ocp.args.JsonRestore()))
-    except Exception as error:  # noqa: BLE001
-      _warn_damaged(mngr, step, error)
+    except Exception as e:  # noqa: BLE001
+      error = e
+    failed = multihost.flags(error is not None)
+    if failed.any():  # Every process moves to the same earlier step.
+      _warn_damaged(mngr, step, error or RuntimeError(
+          f"unreadable on process {', '.join(str(i) for i in failed.nonzero()[0])}"))
       continue
     return step, out["state"], out["host"]
   return None
@@ -167,14 +182,14 @@ def check_workdir(workdir: str, config) -> None:
   Logs written under the same meaning (a run stopped before its first checkpoint) are the
   same run's: they are removed and the run starts over.
   """
-  present = [name for name in LOGS if os.path.exists(os.path.join(workdir, name))]
+  root = workdir_path(workdir)
+  present = [name for name in LOGS if (root / name).exists()]
   if not present:
     return
-  saved_path = os.path.join(workdir, "config.json")
   why = "no config.json"
-  if os.path.isfile(saved_path):
-    with open(saved_path) as f:
-      differ = meaning_differences(flat_config(json.load(f)), flat_config(config))
+  if (root / "config.json").is_file():
+    differ = meaning_differences(flat_config(json.loads((root / "config.json").read_text())),
+                                 flat_config(config))
     why = f"its config differs in {', '.join(differ)}" if differ else ""
   if why:
     raise ResumeError(f"{workdir} holds another run's logs ({', '.join(present)}; {why}) and no "
@@ -189,11 +204,11 @@ def clear(workdir: str, with_checkpoints: bool = True) -> None:
     return
   names = (*LOGS, "solver", "proposer", "config.json")
   for name in names + ((CHECKPOINT_DIR,) if with_checkpoints else ()):
-    path = os.path.join(workdir, name)
-    if os.path.isdir(path):
-      shutil.rmtree(path)
-    elif os.path.exists(path):
-      os.remove(path)
+    path = workdir_path(workdir) / name
+    if path.is_dir():
+      path.rmtree()
+    elif path.exists():
+      path.unlink()
 
 
 # ---- Stopping cleanly on SIGTERM / SIGINT ------------------------------------------------------
@@ -234,12 +249,19 @@ def export(path: str, config: ModelConfig, params, tokenizer_from: str) -> None:
   """Writes params as config.json + model.safetensors in `path`, with the tokenizer files.
 
   Written to a temporary folder then renamed, so an interrupted export never leaves a
-  half-written checkpoint where a previous good one was. Every process must call it (sharded
-  weights are gathered across processes); only process 0 writes.
+  half-written checkpoint where a previous good one was. Every process must call it: the
+  tensors are gathered one at a time (a gather is a collective), so no device holds more than
+  one whole tensor; only process 0 keeps them and writes.
   """
-  params = jax.tree.map(sharding.to_host, params)
-  if not sharding.is_writer():
+  writer = sharding.is_writer()
+  leaves, treedef = jax.tree.flatten(params)
+  kept = []
+  for leaf in leaves:
+    value = sharding.to_host(leaf)
+    kept.append(value if writer else None)
+  if not writer:
     return
+  params = treedef.unflatten(kept)
   tmp = path.rstrip("/") + ".tmp"
   shutil.rmtree(tmp, ignore_errors=True)
   save_pretrained(tmp, config, params)

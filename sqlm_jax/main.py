@@ -13,7 +13,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sqlm_jax import checkpoints, config_base, rewards, rl, sharding
+from sqlm_jax import checkpoints, config_base, multihost, rewards, rl, sharding
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.",
                                           lock_config=True)
@@ -224,6 +224,11 @@ def main(argv) -> None:
     sys.exit(2)
   name = os.path.splitext(os.path.basename(config_flags.get_config_filename(flags.FLAGS["config"])))[0]
   workdir = _WORKDIR.value or os.path.join("runs", name)
+  if "://" in workdir:
+    print(f"Config error: --workdir={workdir}: checkpoints could go there, but the logs, "
+          "TensorBoard files and exports are written as local files; mount the bucket (e.g. "
+          "gcsfuse) at the same path on every host and pass that path.", file=sys.stderr)
+    sys.exit(2)
   from sqlm_jax import memory_plan, selfplay  # After validation: loading JAX takes seconds.
   try:
     if _DRY_RUN.value:
@@ -235,6 +240,9 @@ def main(argv) -> None:
     sys.exit(2)
   except checkpoints.ResumeError as error:
     print(f"Cannot run in this workdir: {error}", file=sys.stderr)
+    sys.exit(2)
+  except multihost.MultihostError as error:
+    print(f"Cannot start the processes together: {error}", file=sys.stderr)
     sys.exit(2)
   if not sharding.is_writer():
     return
@@ -259,6 +267,8 @@ def dry_run(config, workdir: str) -> None:
   sharding.initialize(config.mesh)
   sharding.use_compile_cache(config.compile_cache_dir)
   layouts = roles.role_layouts(config)
+  roles.check_batch_rule(layouts)
+  roles.fit_micro_batch(config, layouts)
   model_config, _ = roles.model_configs(config)
   task, _ = roles.make_task(config)
   plan = memory_plan.memory_plan(config, model_config, layouts,

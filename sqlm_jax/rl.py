@@ -81,6 +81,9 @@ def default_config() -> ml_collections.ConfigDict:
     b1, b2, adam_eps (optional): Adam moments and epsilon (verl: 0.9, 0.999, 1e-8).
     max_grad_norm: global-norm gradient clip; 0 disables it (verl: 1.0). The update reports
       the norm before clipping.
+    skip_nonfinite_updates (optional): an optimizer step whose gradient norm is not finite
+      (NaN / inf) leaves the parameters and optimizer state as they were; the update reports
+      skipped_updates = 1 for it. Ours: on.
     clip_eps_low, clip_eps_high: the PPO ratio is clipped to [1 - low, 1 + high]; a larger
       high side (DAPO's clip-higher) lets unlikely tokens with positive advantage grow.
       Ours 0.2 / 0.28; verl 0.2 / 0.2.
@@ -134,6 +137,7 @@ def default_config() -> ml_collections.ConfigDict:
       b2=0.999,
       adam_eps=1e-8,
       max_grad_norm=1.0,
+      skip_nonfinite_updates=True,
       clip_eps_low=0.2,
       clip_eps_high=0.28,
       kl_coef=0.0,
@@ -158,7 +162,8 @@ def default_config() -> ml_collections.ConfigDict:
 _OPTIONAL_DEFAULTS = dict(lr_schedule="constant", total_steps=None, final_lr_ratio=0.0,
                           b1=0.9, b2=0.999, adam_eps=1e-8, max_completion_length=None,
                           advantage_eps=1e-6, std_ddof=0, kl_clamp=0.0, ppo_mini_batch_size=0,
-                          ppo_epochs=1, value_clip=0.5, logprob_chunk=0)
+                          ppo_epochs=1, value_clip=0.5, logprob_chunk=0,
+                          skip_nonfinite_updates=True)
 
 
 def _field(cfg, name):
@@ -664,8 +669,9 @@ def make_update_fn(apply_fn, optimizer, cfg, micro_batch_size, layout=None,
   `batches` is one batch or a tuple of batches (one per role when proposer and solver share
   weights and their gradients are summed): one step on the sum of their losses' gradients,
   each accumulated over micro-batches (see `make_grad_fn`); metrics is a dict, or a tuple of
-  dicts, with grad_norm (the global norm of the summed gradient, before clipping) and
-  learning_rate added to those of the loss. `optimizer` comes from `make_optimizer(cfg)`; the
+  dicts, with grad_norm (the global norm of the summed gradient, before clipping),
+  learning_rate and skipped_updates (1 when a non-finite gradient left params and opt_state
+  unchanged, see cfg.skip_nonfinite_updates) added to those of the loss. `optimizer` comes from `make_optimizer(cfg)`; the
   step's learning rate is `make_lr_schedule(cfg)(step)`, step being the self-play step (see
   `default_config`), or the optimizer's own count when step is None. PPO mini-batches and
   epochs are repeated calls (`mini_batches`). params and opt_state are donated, so the update
@@ -676,6 +682,7 @@ def make_update_fn(apply_fn, optimizer, cfg, micro_batch_size, layout=None,
   """
   grad_fn = make_grad_fn(apply_fn, cfg, micro_batch_size, layout, objective)
   schedule = make_lr_schedule(cfg)
+  skip_nonfinite = bool(_field(cfg, "skip_nonfinite_updates"))
 
   def update(params, opt_state, batches, step=None):
     single = isinstance(batches, dict)
@@ -684,10 +691,17 @@ def make_update_fn(apply_fn, optimizer, cfg, micro_batch_size, layout=None,
     grad_norm = optax.tree.norm(grads)
     lr = schedule(opt_state.count if step is None else step)
     opt_state = opt_state._replace(hyperparams=dict(opt_state.hyperparams, learning_rate=lr))
-    metrics = tuple(dict(m, grad_norm=grad_norm, learning_rate=lr) for _, m in results)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    return params, opt_state, metrics[0] if single else metrics
+    updates, new_opt_state = optimizer.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    skipped = jnp.zeros((), jnp.float32)
+    if skip_nonfinite:  # One bad batch must not poison the weights, the moments or a checkpoint.
+      finite = jnp.isfinite(grad_norm)
+      new_params, new_opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                               (new_params, new_opt_state), (params, opt_state))
+      skipped = 1.0 - finite.astype(jnp.float32)
+    metrics = tuple(dict(m, grad_norm=grad_norm, learning_rate=lr, skipped_updates=skipped)
+                    for _, m in results)
+    return new_params, new_opt_state, metrics[0] if single else metrics
 
   if param_shardings is None:
     return jax.jit(update, donate_argnums=(0, 1))
@@ -812,7 +826,8 @@ def make_optimizer(cfg):
 def critic_config(cfg) -> ml_collections.ConfigDict:
   """The value model's optimizer settings: the policy's, at critic_learning_rate."""
   names = ("learning_rate", "warmup_steps", "lr_schedule", "total_steps", "final_lr_ratio",
-           "weight_decay", "b1", "b2", "adam_eps", "max_grad_norm", "temperature", "value_clip")
+           "weight_decay", "b1", "b2", "adam_eps", "max_grad_norm", "temperature", "value_clip",
+           "skip_nonfinite_updates")
   values = {name: _field(cfg, name) for name in names}
   values["learning_rate"] = float(_field(cfg, "critic_learning_rate"))
   return ml_collections.ConfigDict(values)

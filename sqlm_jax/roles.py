@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import sys
 from typing import Any, Callable, Optional
 
 import jax
@@ -148,6 +150,46 @@ def role_layouts(config) -> dict[str, sharding.Layout]:
           for role, devices in halves.items()}
 
 
+def check_batch_rule(layouts: dict[str, sharding.Layout]) -> None:
+  """Refuses rules that leave training rows whole over a data or fsdp axis: every device of
+  that axis would compute every row (an N-fold slowdown, or out of memory)."""
+  for layout in layouts.values():
+    axes = dict(layout.rules).get("batch") or ()
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    whole = [a for a in ("data", "fsdp") if layout.mesh.shape[a] > 1 and a not in axes]
+    if whole:
+      raise sharding.MeshError(
+          f"mesh.rules.batch={','.join(axes)!r} does not split batch rows over mesh axis "
+          f"{' and '.join(whole)} (size {math.prod(layout.mesh.shape[a] for a in whole)}): each "
+          "of its devices would compute every row. Pass --config.mesh.rules.batch=data,fsdp.")
+
+
+def fit_micro_batch(config, layouts: dict[str, sharding.Layout]) -> int:
+  """rl.micro_batch_size rounded up to a multiple of every role's batch shards (mesh.data x
+  mesh.fsdp), in place, with a warning naming the knob: a micro-batch the shards do not divide
+  would run whole on every device (replicated); padded with zero-weight rows instead, its loss
+  and metrics are unchanged. Called before anything compiles."""
+  micro = config.rl.micro_batch_size
+  shards = math.lcm(*(layout.batch_shards for layout in layouts.values()))
+  fitted = -(-micro // shards) * shards
+  if fitted == micro:
+    return micro
+  mini = config.rl.ppo_mini_batch_size
+  if mini % fitted:
+    raise sharding.MeshError(
+        f"rl.micro_batch_size={micro} is not a multiple of the {shards} batch shards (mesh.data "
+        f"x mesh.fsdp), and rl.ppo_mini_batch_size={mini} is not a multiple of {fitted}, the "
+        f"micro-batch it would be padded to; set --config.rl.micro_batch_size to a multiple of "
+        f"{shards} that divides rl.ppo_mini_batch_size.")
+  if jax.process_index() == 0:
+    print(f"Warning: rl.micro_batch_size={micro} is not a multiple of the {shards} batch shards "
+          f"(mesh.data x mesh.fsdp): each micro-batch runs as {fitted} rows, padded with "
+          f"zero-weight rows; set --config.rl.micro_batch_size to a multiple of {shards} to "
+          "choose its size.", file=sys.stderr, flush=True)
+  config.rl.micro_batch_size = fitted
+  return fitted
+
+
 def model_configs(config) -> tuple[ModelConfig, ModelConfig]:
   """The training model config and the decoding copy's (rollout.dtype weights)."""
   train = read_config(config.model.path, config.model.dtype, config.model.param_dtype,
@@ -208,6 +250,8 @@ def _shapes(model_config: ModelConfig):
 
 def setup(config: ml_collections.ConfigDict) -> tuple[Setup, RunState]:
   layouts = role_layouts(config)
+  check_batch_rule(layouts)
+  fit_micro_batch(config, layouts)
   model_config, rollout_config = model_configs(config)
   tokenizer = load_tokenizer(config.model.path)
   task, topic = make_task(config)

@@ -17,6 +17,7 @@ import functools
 import json
 import os
 import random
+import sys
 import time
 from typing import Any, Optional
 
@@ -24,8 +25,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from sqlm_jax import (checkpoints, evaluation, memory_plan, metrics as metrics_lib, rl, rollout,
-                      scoring, sharding)
+from sqlm_jax import (checkpoints, evaluation, memory_plan, metrics as metrics_lib, multihost, rl,
+                      rollout, scoring, sharding)
 from sqlm_jax.roles import ROLES, RunState, Setup, role_key, setup  # noqa: F401 (setup)
 from sqlm_jax.sampling import SampleOutput, bucket
 from sqlm_jax.tasks.base import Proposal, Task
@@ -114,6 +115,42 @@ def decode(s: Setup, state: RunState, role: str, copies: dict, prompts, key: jax
                         rows_per_call=s.rows_per_call, **kwargs)
 
 
+def parse_proposals(s: Setup, step: int, proposals_out: Optional[SampleOutput]):
+  """Proposal texts [P*M], parsed proposals [P*M] (the task's generator's with fixed
+  questions) and the solver's prompts: one per valid question, then, with the paraphrase
+  guard, one per question re-asked in another form (its answers only vote)."""
+  task, tok = s.task, s.tokenizer
+  if s.config.task.question_source == "fixed":
+    proposals = fixed_questions(s.config, task, step)
+    texts = [p.question for p in proposals]
+  else:
+    texts = evaluation.decode_rows(tok, proposals_out)
+    proposals = [task.parse_proposal(text) for text in texts]
+  questions = [p for p in proposals if p.valid]
+  prompts = [encode_chat(tok, task.solver_messages(p)) for p in questions]
+  if s.config.rewards.paraphrase_guard != "off":
+    prompts += [encode_chat(tok, task.solver_messages(task.paraphrase(p))) for p in questions]
+  return texts, proposals, prompts
+
+
+def score_answers(s: Setup, state: RunState, proposals, questions, num_prompts: int,
+                  answers_out: Optional[SampleOutput], proposals_out, key: jax.Array):
+  """Answer texts [Q*N], extracted answers [Q][N], majorities [Q], k [Q], solver rewards
+  [Q, N], proposer rewards [Q], solver advantages [Q, N] and the step's scoring metrics."""
+  n, q = s.config.rollout.answers_per_question, len(questions)
+  answer_texts = evaluation.decode_rows(s.tokenizer, answers_out) if questions else []
+  extracted = [[s.task.extract_answer(t) for t in answer_texts[i * n:(i + 1) * n]]
+               for i in range(num_prompts)]
+  answers, paraphrase_answers = extracted[:q], extracted[q:]
+  majority, k, solver_r, proposer_r, solver_adv, agrees = scoring.score(
+      s, questions, answers, key, paraphrase_answers)
+  m = metrics_lib.score_metrics(s, state, proposals, questions, answers, majority, solver_r,
+                                proposer_r, k, answers_out, proposals_out)
+  if agrees is not None:
+    m["paraphrase_agreement"] = float(agrees.mean()) if q else None
+  return answer_texts, answers, majority, k, solver_r, proposer_r, solver_adv, m
+
+
 def train_step(s: Setup, state: RunState, key: jax.Array) -> tuple[RunState, dict, list[dict]]:
   c, task, tok = s.config, s.task, s.tokenizer
   n = c.rollout.answers_per_question
@@ -135,20 +172,14 @@ def train_step(s: Setup, state: RunState, key: jax.Array) -> tuple[RunState, dic
         num_samples=c.rollout.prompts_per_step * c.rollout.proposals_per_prompt, **sampling)
   times["propose"] = time.perf_counter() - t0
 
-  # 2. Parse: proposals -> questions; the invalid are masked out of both losses.
+  # 2. Parse: proposals -> questions; the invalid are masked out of both losses. Host work
+  #    that shapes the batch is done on process 0 alone and shared, so every process of a
+  #    multi-process run builds the same batch.
   t0 = time.perf_counter()
-  if fixed:
-    proposals = fixed_questions(c, task, state.step)
-    proposal_texts = [p.question for p in proposals]
-  else:
-    proposal_texts = evaluation.decode_rows(tok, proposals_out)
-    proposals = [task.parse_proposal(text) for text in proposal_texts]  # [P*M]
+  proposal_texts, proposals, solver_prompts = multihost.on_process_0(
+      parse_proposals, s, state.step, proposals_out)  # [P*M], [P*M], [Q] (+ [Q] paraphrases)
   valid = np.array([p.valid for p in proposals])
   questions = [p for p in proposals if p.valid]  # [Q]
-  solver_prompts = [encode_chat(tok, task.solver_messages(p)) for p in questions]
-  if c.rewards.paraphrase_guard != "off":  # Each question re-asked; its answers only vote.
-    solver_prompts += [encode_chat(tok, task.solver_messages(task.paraphrase(p)))
-                       for p in questions]
   times["host_parse"] = time.perf_counter() - t0
 
   # 3. Solve: N answers per question (and per paraphrase, with the guard) from one shared
@@ -162,19 +193,13 @@ def train_step(s: Setup, state: RunState, key: jax.Array) -> tuple[RunState, dic
     rollout.free(copy)
   times["solve"] = time.perf_counter() - t0
 
-  # 4. Score: answers -> rewards (array code over [Q, N]).
+  # 4. Score: answers -> rewards (array code over [Q, N]), on process 0 alone and shared.
   t0 = time.perf_counter()
   q = len(questions)
-  answer_texts = evaluation.decode_rows(tok, answers_out) if questions else []
-  extracted = [[task.extract_answer(t) for t in answer_texts[i * n:(i + 1) * n]]
-               for i in range(len(solver_prompts))]
-  answers, paraphrase_answers = extracted[:q], extracted[q:]
-  majority, k, solver_r, proposer_r, solver_adv, agrees = scoring.score(
-      s, questions, answers, jax.random.fold_in(key, 2), paraphrase_answers)
-  m.update(metrics_lib.score_metrics(s, state, proposals, questions, answers, majority, solver_r,
-                                     proposer_r, k, answers_out, proposals_out))
-  if agrees is not None:
-    m["paraphrase_agreement"] = float(agrees.mean()) if q else None
+  answer_texts, answers, majority, k, solver_r, proposer_r, solver_adv, score_m = \
+      multihost.on_process_0(score_answers, s, state, proposals, questions, len(solver_prompts),
+                             answers_out, proposals_out, jax.random.fold_in(key, 2))
+  m.update(score_m)
   times["host_score"] = time.perf_counter() - t0
 
   # 5. Update: solver groups are the N answers of a question; proposer groups the M proposals
@@ -202,6 +227,8 @@ def train_step(s: Setup, state: RunState, key: jax.Array) -> tuple[RunState, dic
   for role, role_metrics in update_metrics.items():
     for name, value in role_metrics.items():
       m[f"{role}/{name}"] = float(value)
+  # Optimizer steps left out because their gradients were not finite (rl.skip_nonfinite_updates).
+  m["skipped_updates"] = sum(float(r.get("skipped_updates", 0)) for r in update_metrics.values())
   m["learning_rate"] = float(s.lr_schedule(state.step))
   times["train"] = time.perf_counter() - t0
 
@@ -274,7 +301,7 @@ def _mean_metrics(steps: list[dict]) -> dict[str, float]:
   out = {}
   for name in steps[0]:
     values = [m[name] for m in steps]
-    if name in ("tokens", "sequences"):
+    if name in ("tokens", "sequences", "skipped_updates"):
       out[name] = sum(values)
     elif name.endswith("_max"):
       out[name] = max(values)
@@ -312,34 +339,28 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   A workdir with a checkpoint (WORKDIR/checkpoints) is resumed: the run restores the newest
   complete one and continues, cutting the logs back to its step. On SIGTERM / SIGINT the run
   finishes the current step, saves and returns a summary with "stopped": True. In a
-  multi-process run every process runs this same loop on its share of the mesh; only process 0
-  writes (metrics, samples, exports, the dashboard).
+  multi-process run every process runs this same loop on its share of the mesh, in a workdir
+  they all see (checked first); process 0 decides whether and from where to resume, computes
+  the host-side results that shape each batch (sqlm_jax/multihost.py), and alone writes
+  (metrics, samples, exports, the dashboard).
   """
   from tqdm.auto import tqdm
   sharding.initialize(config.mesh)
   sharding.use_compile_cache(config.compile_cache_dir)
   writes = sharding.is_writer()
   say = print if writes else (lambda *args, **kwargs: None)
-  if config.overwrite:
-    checkpoints.clear(workdir)
-  _barrier("sqlm_jax_workdir_cleared")
-  saved = None  # (step, host data) of the newest checkpoint.
-  if os.path.isdir(os.path.join(workdir, checkpoints.CHECKPOINT_DIR)):
-    reader = checkpoints.manager(workdir, read_only=True)
-    saved = checkpoints.read_host(reader)
-    reader.close()
-  if saved:
-    finished = resume_check(config, workdir, *saved)
-    if finished:
-      return finished
-  else:
-    checkpoints.check_workdir(workdir, config)
-  _barrier("sqlm_jax_workdir_checked")
+  multihost.check_same_software()
+  multihost.check_shared_workdir(workdir)
+  # (step, host data) of the checkpoint to resume (None: start), and the summary of a run that
+  # is already done: process 0's reading of the workdir, or its refusal, on every process.
+  saved, finished = multihost.on_process_0(resume_decision, config, workdir)
+  if finished:
+    return finished
   mngr = checkpoints.manager(workdir, config.checkpoint.keep)
   if writes:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    root = checkpoints.workdir_path(workdir)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "config.json").write_text(config.to_json_best_effort(indent=2))
   s, state = setup(config)
   say(memory_plan.format_plan(s.memory_plan), flush=True)
   if writes:
@@ -375,12 +396,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         if step == config.total_steps or (config.eval.every and step % config.eval.every == 0):
           last_eval = evaluate(s, state.params[role_key(config, "solver")], eval_key)
           m.update(last_eval)
-        stopped = _any_process(stop.requested)
+        stopped = multihost.any_process(stop.requested)
         every = config.checkpoint.every
         t0 = time.perf_counter()
         if stopped or step == config.total_steps or (every and step % every == 0):
           save(state)  # Asynchronous: the write overlaps the next step.
         m["time/checkpoint"] = time.perf_counter() - t0
+        if writes and m["skipped_updates"]:
+          print(f"Warning: step {step}: skipped {m['skipped_updates']:g} optimizer step(s) whose "
+                "gradient norm was not finite; parameters and optimizer state kept "
+                "(rl.skip_nonfinite_updates).", file=sys.stderr, flush=True)
         if writer:
           writer.write(step, m)
           writer.write_samples(step, samples)
@@ -419,9 +444,26 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   return summary
 
 
+def resume_decision(config, workdir: str) -> tuple[Optional[tuple[int, dict]], Optional[dict]]:
+  """(step, host data) of the newest checkpoint to resume (None: a new run), and the saved
+  summary when the run finished already. Starts over when config.overwrite; refuses (raises
+  ResumeError) a checkpoint or logs this config cannot continue. Run by process 0 alone."""
+  if config.overwrite:
+    checkpoints.clear(workdir)
+  saved = None
+  if (checkpoints.workdir_path(workdir) / checkpoints.CHECKPOINT_DIR).is_dir():
+    reader = checkpoints.manager(workdir, read_only=True, this_process_only=True)
+    saved = checkpoints.read_host(reader)
+    reader.close()
+  if saved:
+    return saved, resume_check(config, workdir, *saved)
+  checkpoints.check_workdir(workdir, config)
+  return None, None
+
+
 def resume_check(config, workdir: str, step: int, host: dict) -> Optional[dict[str, Any]]:
   """Refuses a checkpoint this config cannot continue; the saved summary if the run is done."""
-  folder = os.path.join(workdir, checkpoints.CHECKPOINT_DIR, str(step))
+  folder = str(checkpoints.workdir_path(workdir) / checkpoints.CHECKPOINT_DIR / str(step))
   differ = checkpoints.meaning_differences(checkpoints.flat_config(host["config"]),
                                            checkpoints.flat_config(config))
   if differ:
@@ -432,10 +474,9 @@ def resume_check(config, workdir: str, step: int, host: dict) -> Optional[dict[s
     raise checkpoints.ResumeError(
         f"{folder} is past config.total_steps={config.total_steps}; pass "
         f"--config.total_steps={step} or more to resume it.")
-  summary_path = os.path.join(workdir, "summary.json")
-  if step == config.total_steps and os.path.isfile(summary_path):
-    with open(summary_path) as f:
-      return dict(json.load(f), finished=True)
+  summary_path = checkpoints.workdir_path(workdir) / "summary.json"
+  if step == config.total_steps and summary_path.is_file():
+    return dict(json.loads(summary_path.read_text()), finished=True)
   return None
 
 
@@ -458,25 +499,12 @@ def restore_state(s: Setup, state: RunState, mngr, newest: int) -> tuple[RunStat
   return RunState.from_saved(arrays, host), host
 
 
-def _barrier(name: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(name)
-
-
-def _any_process(flag: bool) -> bool:
-  """True when any process got a stop signal, so that every process stops at the same step."""
-  if jax.process_count() == 1:
-    return flag
-  from jax.experimental import multihost_utils
-  return bool(np.asarray(multihost_utils.process_allgather(np.array(flag))).any())
-
-
 def export_roles(s: Setup, state: RunState, workdir: str) -> None:
-  """WORKDIR/solver and WORKDIR/proposer as Hugging Face checkpoints (with the tokenizer).
+  """WORKDIR/solver and WORKDIR/proposer as Hugging Face checkpoints (with the tokenizer); with
+  shared weights, one export, WORKDIR/solver, serves both roles.
 
-  Every process takes part in gathering the weights; process 0 writes them.
+  Every process takes part in gathering the weights, one tensor at a time; process 0 writes.
   """
-  for role in ROLES:
+  for role in ROLES[:1] if s.config.shared_weights else ROLES:
     checkpoints.export(os.path.join(workdir, role), s.model_config,
                        state.params[role_key(s.config, role)], s.config.model.path)

@@ -22,12 +22,16 @@ def test_launch_scripts_pass_shellcheck():
      ["sqlm_jax.main --config configs/arithmetic.py --config.model.path=/ckpt/q --dry_run",
       "--config.mesh.fsdp=8"]),
     ("tpu_vm.sh", ["/ckpt/q", "configs/algebra.py"], ["jax\\[tpu\\]", "--dry_run"]),
-    ("gpu_multi.sh", ["10.0.0.1:1234", "2", "1", "/ckpt/q", "configs/arithmetic.py"],
-     ["--config.mesh.coordinator=10.0.0.1:1234 --config.mesh.num_processes=2 "
-      "--config.mesh.process_id=1"]),
-    ("tpu_pod.sh", ["pod", "us-central2-b", "/ckpt/q", "configs/arithmetic.py", "--config.seed=2"],
+    ("gpu.sh", ["--workdir=/mnt/run", "/ckpt/q", "configs/arithmetic.py"],
+     ["--workdir /mnt/run"]),
+    ("gpu_multi.sh", ["--workdir=/mnt/shared/run", "10.0.0.1:1234", "2", "1", "/ckpt/q",
+                      "configs/arithmetic.py"],
+     ["--workdir /mnt/shared/run", "--config.mesh.coordinator=10.0.0.1:1234 "
+      "--config.mesh.num_processes=2 --config.mesh.process_id=1"]),
+    ("tpu_pod.sh", ["pod", "us-central2-b", "--workdir=/mnt/shared/run", "/ckpt/q",
+                    "configs/arithmetic.py", "--config.seed=2"],
      ["gcloud compute tpus tpu-vm scp", "--worker=all", "gcloud compute tpus tpu-vm ssh pod",
-      "--config.mesh.distributed=on", "--config.seed=2"]),
+      "--config.mesh.distributed=on\\ --workdir\\ /mnt/shared/run", "--config.seed=2"]),
 ])
 def test_launch_dry_run_prints_and_runs_nothing(tmp_path, script, args, expected):
   # A PATH where python and gcloud would record being called: a dry run calls neither.
@@ -48,3 +52,14 @@ def test_launch_script_without_arguments_says_how_to_call_it():
   result = subprocess.run(["bash", os.path.join(ROOT, "launch", "gpu.sh")], cwd=ROOT,
                           capture_output=True, text=True)
   assert result.returncode != 0 and "usage: launch/gpu.sh" in result.stderr
+
+
+@pytest.mark.parametrize("script,args", [
+    ("tpu_pod.sh", ["pod", "us-central2-b", "/ckpt/q", "configs/arithmetic.py"]),
+    ("gpu_multi.sh", ["10.0.0.1:1234", "2", "1", "/ckpt/q", "configs/arithmetic.py"]),
+])
+def test_multi_host_scripts_need_a_shared_workdir(script, args):
+  result = subprocess.run(["bash", os.path.join(ROOT, "launch", script), "--dry-run", *args],
+                          cwd=ROOT, capture_output=True, text=True)
+  assert result.returncode == 2 and not result.stdout
+  assert "--workdir=DIR is required" in result.stderr and "shared" in result.stderr

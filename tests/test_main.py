@@ -77,6 +77,13 @@ def test_bad_choice_names_key_and_choices(qwen2_dir):
   assert "config.rewards.proposer_shape='cubic' is not one of: sqlm, sqlm_paper" in result.stderr
 
 
+def test_a_gs_workdir_is_refused_naming_a_mount(qwen2_dir):
+  result = run_main("--config", "configs/tiny.py", "--workdir=gs://bucket/run", timeout=120)
+  assert result.returncode == 2
+  assert "--workdir=gs://bucket/run" in result.stderr and "gcsfuse" in result.stderr
+  assert "Traceback" not in result.stderr
+
+
 def test_split_must_exist_in_the_heldout_set(qwen2_dir):
   result = run_main("--config", "configs/arithmetic.py", f"--config.model.path={qwen2_dir}",
                     "--config.eval.split=validation", timeout=120)

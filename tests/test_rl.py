@@ -321,6 +321,35 @@ def test_update_moves_logprob_of_sampled_tokens(sign):
   assert metrics["clip_low"] == metrics["clip_high"] == 0
 
 
+@pytest.mark.parametrize("skip", [True, False])
+def test_update_with_nonfinite_gradient_is_skipped_and_counted(skip):
+  cfg = _cfg(learning_rate=0.03, skip_nonfinite_updates=skip)
+  params = toy_params()
+  batch = toy_batch(params, cfg)
+  del batch["ref_logprobs"]
+  optimizer = rl.make_optimizer(cfg)
+  update = rl.make_update_fn(toy_apply, optimizer, cfg, micro_batch_size=2)
+  params, opt_state, metrics = update(params, optimizer.init(params), batch)  # A good step.
+  assert metrics["skipped_updates"] == 0 and np.isfinite(metrics["grad_norm"])
+  before = jax.tree.map(np.array, (params, opt_state))
+  poisoned = dict(batch, advantages=np.array([np.nan, 1, 0, 0], np.float32))
+  params, opt_state, metrics = update(params, opt_state, poisoned)
+  assert not np.isfinite(metrics["grad_norm"])
+  after = jax.tree.map(np.array, (params, opt_state))
+  if skip:  # Parameters, Adam's moments and step count exactly as before the bad batch.
+    assert metrics["skipped_updates"] == 1
+    jax.tree.map(np.testing.assert_array_equal, after, before)
+  else:
+    assert metrics["skipped_updates"] == 0
+    assert not np.isfinite(after[0]["embed"]).all()
+  params, opt_state, metrics = update(params, opt_state, batch)  # The run goes on.
+  assert metrics["skipped_updates"] == 0 and (not skip or np.isfinite(params["embed"]).all())
+
+
+def test_skip_nonfinite_updates_is_on_by_default():
+  assert rl.default_config().skip_nonfinite_updates is True
+
+
 def test_logprob_fn_matches_direct_and_order():
   params = toy_params()
   cfg = _cfg(temperature=0.7)

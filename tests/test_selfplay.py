@@ -119,6 +119,15 @@ def test_masked_proposal_contributes_exactly_zero_gradient(qwen2_dir, permissive
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_shared_weights_are_exported_once(qwen2_dir, permissive, tmp_path):
+  s, state = selfplay.setup(tiny_config(qwen2_dir, shared_weights=True))
+  selfplay.export_roles(s, state, str(tmp_path))
+  _, exported = load_pretrained(str(tmp_path / "solver"))
+  for a, b in zip(jax.tree.leaves(state.params["policy"]), jax.tree.leaves(exported)):
+    np.testing.assert_array_equal(np.asarray(a), b)
+  assert not (tmp_path / "proposer").exists()  # The same weights: not written twice.
+
+
 def test_shared_weights_update_one_pytree_with_both_roles(qwen2_dir, permissive):
   config = tiny_config(qwen2_dir, shared_weights=True)
   s, state = selfplay.setup(config)
