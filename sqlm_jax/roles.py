@@ -121,7 +121,7 @@ def make_task(config) -> tuple[Task, str]:
     from sqlm_jax.tasks import generic
     task = generic.make_task(config.task.topic or generic.DEFAULT_TOPIC)
   else:
-    task = get_task(config.task.name)
+    task = get_task(config.task.name, config.task.proposal_format)
   return task, config.task.topic or task.default_topic
 
 
@@ -239,8 +239,10 @@ def setup(config: ml_collections.ConfigDict) -> tuple[Setup, RunState]:
   if config.rl.advantage_estimator == "gae":  # The value model, on the solver's devices.
     layout = layouts["solver"]
     shardings = critic.param_shardings(layout, model_config)
-    params["critic"] = jax.jit(functools.partial(critic.init, model_config=model_config),
-                               out_shardings=shardings)(load(layout))
+    init = functools.partial(critic.init, model_config=model_config,
+                             head_init=config.critic.head_init)
+    head_key = jax.random.fold_in(jax.random.key(config.seed), 2**31 - 2)
+    params["critic"] = jax.jit(init, out_shardings=shardings)(load(layout), key=head_key)
     critic_cfg = rl.critic_config(config.rl)
     critic_optimizer = rl.make_optimizer(critic_cfg)
     opt_shardings = sharding.like_params(critic_optimizer, shardings,

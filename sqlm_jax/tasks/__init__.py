@@ -7,20 +7,32 @@ import importlib
 from sqlm_jax.tasks.base import Proposal, Task
 
 TASK_NAMES = ("arithmetic", "algebra", "generic", "coding", "tiny_addition")
+PROPOSAL_FORMATS = ("tagged", "reference")
+REFERENCE_FORMAT_TASKS = ("arithmetic", "algebra")  # Those with the reference's prompt formats.
 
 
-def get_task(name: str) -> Task:
+def get_task(name: str, proposal_format: str = "tagged") -> Task:
   """The Task called `name`; "generic" uses generic.DEFAULT_TOPIC (generic.make_task takes any).
+
+  proposal_format: "tagged" (ours: the question in <question> tags, else malformed) or
+  "reference" (the reference trainer's prompts and parsers, arithmetic and algebra only).
 
   Modules are imported here, not at the top, so that one topic's dependencies (the coding
   sandbox) are only needed by runs that use it.
   """
+  if proposal_format not in PROPOSAL_FORMATS:
+    raise ValueError(f"unknown proposal format {proposal_format!r}; valid formats are "
+                     f"{', '.join(PROPOSAL_FORMATS)}")
+  if proposal_format == "reference" and name not in REFERENCE_FORMAT_TASKS:
+    raise ValueError(f"task {name!r} has no reference proposal format; use 'tagged', or one of "
+                     f"{', '.join(REFERENCE_FORMAT_TASKS)}")
+  reference = proposal_format == "reference"
   if name == "arithmetic":
     from sqlm_jax.tasks import arithmetic
-    return arithmetic.TASK
+    return arithmetic.REFERENCE_TASK if reference else arithmetic.TASK
   if name == "algebra":
     from sqlm_jax.tasks import algebra
-    return algebra.TASK
+    return algebra.REFERENCE_TASK if reference else algebra.TASK
   if name == "generic":
     from sqlm_jax.tasks import generic
     return generic.make_task()
