@@ -33,8 +33,8 @@ CHECKPOINT_DIR = "checkpoints"
 # Config keys whose change alters what a run computes: resuming under a different value would
 # splice two different runs together. Everything else (logging, evaluation, checkpoint cadence,
 # mesh sizes and rules, micro-batch size, remat, sandbox) only changes how or what is reported.
-MEANING = ("seed", "model.path", "model.dtype", "model.param_dtype", "shared_weights", "task.", "critic.",
-           "rollout.", "rewards.", "rl.", "proposer_update_every")
+MEANING = ("seed", "model.path", "model.dtype", "model.param_dtype", "shared_weights", "task.",
+           "rollout.", "rewards.", "rl.", "critic.", "proposer_update_every")
 # Gradients accumulate to the full-batch value (rl.py), log-probs chunk to the same values, and a
 # row's tokens do not depend on how rows are grouped into decoding calls or over which devices.
 HARMLESS = ("rl.micro_batch_size", "rl.logprob_chunk", "rollout.rows_per_call", "rollout.tensor")
