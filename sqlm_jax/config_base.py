@@ -67,6 +67,13 @@ def base_config() -> ml_collections.ConfigDict:
   # the reference trainer's prompts, the whole reply, or the text after the last "Selected
   # Question", is the question, and the solver's instruction comes before the question).
   c.task.proposal_format = "tagged"  # tagged | reference
+  # Coding: how many of a proposal's tests count. 0 (ours) = exactly 5 are asked for and a
+  # proposal with another number is malformed; > 0 (the reference: 10) = any number from 1, of
+  # which the first max_tests are scored.
+  c.task.max_tests = 0
+  # Coding: the program is the last closed ```python block ("closed", ours) or, as the
+  # reference's reward, the text after the last ```python even if never closed ("reference").
+  c.task.code_extraction = "closed"  # closed | reference
 
   c.rollout = ml_collections.ConfigDict()
   c.rollout.prompts_per_step = 64  # Topic prompts per step (each one a proposer group).
@@ -188,6 +195,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.sandbox = ml_collections.ConfigDict()  # Coding topics only.
   c.sandbox.workers = 0  # 0 = one per CPU.
   c.sandbox.timeout_s = 5.0
+  # A test passes when a clean exit's stdout has the expected whitespace-separated tokens
+  # ("tokens", ours) or equals it after trailing newlines are stripped ("newlines", the
+  # reference's sandbox comparison).
+  c.sandbox.output_match = "tokens"  # tokens | newlines
   c.sandbox.allow_unsandboxed = False  # Never set on shared machines: runs model code unisolated.
   return c
 

@@ -145,6 +145,12 @@ def check_task_options(config) -> None:
     raise ConfigError(f"config.task.proposal_format='reference' is the reference trainer's "
                       f"format for {', '.join(REFERENCE_FORMAT_TASKS)}; task "
                       f"{config.task.name!r} has none, so use 'tagged'.")
+  _choice(config, "task.code_extraction", ("closed", "reference"))
+  _choice(config, "sandbox.output_match", ("tokens", "newlines"))
+  if config.task.max_tests < 0:
+    raise ConfigError(f"config.task.max_tests={config.task.max_tests} must be >= 0 (0 = exactly "
+                      "5 tests per coding proposal).")
+  _choice(config, "critic.head_init", ("zeros", "random"))
   task, _ = make_task(config)
   if config.task.question_source == "fixed" and task.generate_question is None:
     raise ConfigError(f"config.task.question_source='fixed' needs a question generator, which "

@@ -98,7 +98,8 @@ def score(s, questions: list[Proposal], answers: list[list], key: jax.Array,
   if s.task.reward_kind == "tests":
     from sqlm_jax.tasks.coding import pass_matrix
     passes, test_mask = pass_matrix(questions + [Proposal(None)] * (rows - q),
-                                    answers + [[None] * n] * (rows - q), s.sandbox_pool)
+                                    answers + [[None] * n] * (rows - q), s.sandbox_pool,
+                                    output_match=c.sandbox.output_match)
     solver_r, proposer_r, solver_adv = test_signals(passes, test_mask, **shape)
     # Answers passing every test (a random shuffle keeps each question's rewards).
     k = (np.asarray(solver_r) == 1.0).sum(-1)
