@@ -108,6 +108,10 @@ def validate(config) -> None:
   _choice(config, "rl.std_ddof", (0, 1))
   if config.rl.kl_clamp < 0:
     raise ConfigError(f"config.rl.kl_clamp={config.rl.kl_clamp} must be >= 0 (0 = no clamp).")
+  _choice(config, "rl.weight_decay_mask", ("matrices", "all"))
+  if config.rl.dual_clip != 0 and config.rl.dual_clip <= 1:
+    raise ConfigError(f"config.rl.dual_clip={config.rl.dual_clip} must be 0 (off) or > 1 (the "
+                      "reference: 3.0).")
   if config.rl.ppo_epochs < 1:
     raise ConfigError(f"config.rl.ppo_epochs={config.rl.ppo_epochs} must be at least 1.")
   mini, micro = config.rl.ppo_mini_batch_size, config.rl.micro_batch_size
