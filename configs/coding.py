@@ -55,6 +55,7 @@ def get_config(variant: str = ""):
   c.rl.ppo_epochs = 1
   c.rewards.proposer_shape = "sqlm"  # For pass rates: 1 iff 0 < p < 1.
   c.rewards.train_malformed_proposals = True  # Its dummy tests score 0: proposer reward 0.
+  c.task.proposal_format = "reference"  # Its prompts; the problem before "Test Cases:".
   c.task.max_tests = 10  # The pass rate over the first min(#tests, 10) tests.
   c.task.code_extraction = "reference"  # The last ```python block, even if unclosed.
   c.sandbox.output_match = "newlines"

@@ -63,9 +63,10 @@ def base_config() -> ml_collections.ConfigDict:
   # proposer is then neither sampled nor updated.
   c.task.question_source = "proposer"
   # How the proposer is prompted and its reply parsed: "tagged" (ours: the question inside
-  # <question> tags, a reply without them is malformed) or "reference" (arithmetic and algebra:
-  # the reference trainer's prompts, the whole reply, or the text after the last "Selected
-  # Question", is the question, and the solver's instruction comes before the question).
+  # <question> tags, a reply without them is malformed) or "reference" (the reference
+  # trainer's prompts and parsers: arithmetic's whole reply, or algebra's text after the last
+  # "Selected Question", is the question, and the solver's instruction comes before it; coding's
+  # problem is the text before "Test Cases:", its solver gets a system message).
   c.task.proposal_format = "tagged"  # tagged | reference
   # Coding: how many of a proposal's tests count. 0 (ours) = exactly 5 are asked for and a
   # proposal with another number is malformed; > 0 (the reference: 10) = any number from 1, of

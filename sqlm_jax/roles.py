@@ -120,10 +120,10 @@ def make_task(config) -> tuple[Task, str]:
   if config.task.name == "generic":
     from sqlm_jax.tasks import generic
     task = generic.make_task(config.task.topic or generic.DEFAULT_TOPIC)
-  elif config.task.name == "coding" and (config.task.max_tests
-                                         or config.task.code_extraction != "closed"):
+  elif config.task.name == "coding":
     from sqlm_jax.tasks import coding
-    task = coding.make_task(config.task.max_tests, config.task.code_extraction)
+    task = coding.make_task(config.task.max_tests, config.task.code_extraction,
+                            config.task.proposal_format)
   else:
     task = get_task(config.task.name, config.task.proposal_format)
   return task, config.task.topic or task.default_topic

@@ -203,3 +203,34 @@ def test_pass_matrix_newlines_compares_stdout_itself():
   passes, _ = coding.pass_matrix([proposal], programs, pool, output_match="newlines")
   np.testing.assert_array_equal(passes[0], [[1, 1, 1], [0, 0, 0], [0, 0, 0]])
   assert all(expected is None for _, _, expected in pool.jobs)
+
+
+REFERENCE_PROPOSAL = """Problem Description:
+Given a list of integers, print the sum of the even ones.
+
+Test Cases:
+1 2 3 4 ||| 6
+7 ||| 0
+  -2 -2   |||   -4
+This line has no separator.
+a b ||| 0
+"""
+
+
+def test_reference_format_parses_like_the_reference():
+  task = coding.make_task(max_tests=10, code_extraction="reference", proposal_format="reference")
+  proposal = task.parse_proposal(REFERENCE_PROPOSAL)
+  assert proposal.question == ("Problem Description:\nGiven a list of integers, print the sum of "
+                               "the even ones.")
+  # Every ||| line is a test, stripped, even after prose and with a non-integer input.
+  assert proposal.tests == (("1 2 3 4\n", "6"), ("7\n", "0"), ("-2 -2\n", "-4"), ("a b\n", "0"))
+  assert len(coding.make_task(max_tests=2, proposal_format="reference").parse_proposal(
+      REFERENCE_PROPOSAL).tests) == 2
+  # No header or no test line: malformed (the reference's dummy tests score 0).
+  assert not task.parse_proposal("Problem Description:\nSum them.").valid
+  assert not task.parse_proposal("Sum them.\nTest Cases:\nnone").valid
+  system, user = task.solver_messages(proposal)
+  assert system["role"] == "system" and "[ASSESS]" in system["content"]
+  assert user["content"].startswith(proposal.question) and user["content"].endswith("```")
+  assert "Test Cases:" in task.proposer_messages("")[0]["content"]
+  assert task.extract_answer(f"```python\n{MAX}") == f"\n{MAX}"

@@ -114,7 +114,7 @@ def test_the_lr_schedule_ends_with_the_run_unless_told_otherwise():
      "config.rewards.paraphrase_guard='both' needs a task that can re-ask a question"),
     (["--config.task.name=generic"],
      "config.task.proposal_format='reference' is the reference trainer's format for arithmetic, "
-     "algebra; task 'generic' has none"),
+     "algebra, coding; task 'generic' has none"),
     (["--config.task.name=coding", "--config.task.proposal_format=tagged"],
      "config.rewards.answer_parser='reference' reads integer answers from <answer> tags"),
     (["--config.rewards.answer_parser=strict"],

@@ -310,5 +310,5 @@ def test_reference_format_algebra_takes_the_text_after_the_last_marker():
   assert task.parse_proposal("Solve 3y = 9.").question == "Solve 3y = 9."
   assert task.parse_proposal("selected question: lower case").question == \
       "selected question: lower case"  # case-sensitive, as the reference's split
-  with pytest.raises(ValueError, match="task 'coding' has no reference proposal format"):
-    get_task("coding", "reference")
+  with pytest.raises(ValueError, match="task 'generic' has no reference proposal format"):
+    get_task("generic", "reference")

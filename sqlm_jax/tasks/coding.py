@@ -209,15 +209,117 @@ TASK = Task(
 )
 
 
+# The reference's format (task.proposal_format="reference"), in our words: its proposer prompt
+# with a worked example of the layout, and its solver prompt: a system message listing
+# reasoning actions, then the problem and an instruction to end with one python block.
+REFERENCE_PROPOSER_PROMPT = """Write a new programming problem like an easy LeetCode problem, on \
+this topic: {topic}.
+
+Requirements:
+- The input is one line of integers separated by spaces; the output is one integer or a line \
+of integers separated by spaces.
+- Give 5 test cases, each on its own line as INPUT_STRING ||| OUTPUT_STRING, with nothing else \
+on the line.
+
+Layout to follow:
+Problem Description:
+Given a list of integers, read it and print <what to print>.
+
+Input:
+One line of space-separated integers a_1, a_2, ..., a_n (-1000 <= a_i <= 1000).
+
+Output:
+One integer: <what to print>.
+
+Test Cases:
+3 -1 4 ||| 6
+7 ||| 7
+-2 -2 ||| -4
+0 5 -5 ||| 0
+1 2 3 4 ||| 10
+"""
+
+REFERENCE_SOLVER_SYSTEM = """You may use these actions while you reason, in any order and as \
+often as you need:
+
+[ASSESS]
+
+[ADVANCE]
+
+[VERIFY]
+
+[SIMPLIFY]
+
+[SYNTHESIZE]
+
+[PIVOT]
+
+[OUTPUT]
+
+Write every action in this layout:
+
+[ACTION NAME]
+
+# first step of the action
+
+# second step of the action
+
+...
+
+Next action: [NEXT ACTION NAME]
+"""
+
+REFERENCE_SOLVER_INSTRUCTION = """Solve the problem with a Python program. End your reply with \
+the program in
+```python
+the program
+```"""
+
+
+def reference_proposer_messages(topic: str) -> list[dict]:
+  prompt = REFERENCE_PROPOSER_PROMPT.format(topic=topic or DEFAULT_TOPIC)
+  return [{"role": "user", "content": prompt}]
+
+
+def reference_parse_proposal(text: str, max_tests: int = 0) -> Proposal:
+  """The reference's coding parser: the problem is the text before the first "Test Cases:",
+  every later line holding ||| is a test (input and output stripped); malformed without the
+  header or a test. The first max_tests (0 = NUM_TESTS) are kept."""
+  if "Test Cases:" not in text:
+    return Proposal(question=None)
+  problem, tests_text = text.split("Test Cases:", 1)
+  tests = []
+  for line in tests_text.splitlines():
+    if "|||" in line:
+      given, expected = line.split("|||", 1)
+      tests.append((given.strip() + "\n", expected.strip()))
+  if not problem.strip() or not tests:
+    return Proposal(question=None)
+  return Proposal(question=problem.strip(), tests=tuple(tests[:max_tests or NUM_TESTS]))
+
+
+def reference_solver_messages(proposal: Proposal) -> list[dict]:
+  return [{"role": "system", "content": REFERENCE_SOLVER_SYSTEM},
+          {"role": "user", "content": f"{proposal.question}\n\n{REFERENCE_SOLVER_INSTRUCTION}"}]
+
+
 CODE_EXTRACTIONS = ("closed", "reference")
 
 
-def make_task(max_tests: int = 0, code_extraction: str = "closed") -> Task:
-  """The coding Task with the proposal's test count rule (`parse_proposal`'s max_tests) and the
-  program extraction: "closed" (ours, `extract_answer`) or "reference" (`reference_program`)."""
+def make_task(max_tests: int = 0, code_extraction: str = "closed",
+              proposal_format: str = "tagged") -> Task:
+  """The coding Task with the proposal's test count rule (`parse_proposal`'s max_tests), the
+  program extraction ("closed", ours, `extract_answer`; "reference", `reference_program`) and
+  the prompts and parser ("tagged", ours; "reference", the reference's)."""
   if code_extraction not in CODE_EXTRACTIONS:
     raise ValueError(f"code extraction {code_extraction!r} is not one of "
                      f"{', '.join(CODE_EXTRACTIONS)}")
+  extract = reference_program if code_extraction == "reference" else extract_answer
+  if proposal_format == "reference":
+    return dataclasses.replace(
+        TASK, proposer_messages=reference_proposer_messages,
+        parse_proposal=functools.partial(reference_parse_proposal, max_tests=max_tests),
+        solver_messages=reference_solver_messages, extract_answer=extract)
   return dataclasses.replace(
       TASK, parse_proposal=functools.partial(parse_proposal, max_tests=max_tests),
-      extract_answer=reference_program if code_extraction == "reference" else extract_answer)
+      extract_answer=extract)
