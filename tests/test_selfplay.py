@@ -203,6 +203,12 @@ def test_critic_fits_proposer_then_solver_before_the_policy():
   assert metrics["critic"]["optimizer_steps"] == 3 and "proposer" not in metrics
 
 
+def test_solver_prompts_cut_to_their_last_tokens():
+  """rollout.max_solver_prompt_tokens: the reference's max_prompt_length with truncation left."""
+  assert selfplay.cut_prompts([[1, 2, 3, 4], [5]], 2) == [[3, 4], [5]]
+  assert selfplay.cut_prompts([[1, 2, 3]], 0) == [[1, 2, 3]]
+
+
 def test_vote_signals_on_a_hand_worked_batch():
   ids = np.array([[0, 0, 1, -1], [0, 1, 2, 3], [-1, -1, -1, -1], [0, 0, 0, 0]], np.int32)
   majority, k, solver_r, proposer_r, adv = scoring.vote_signals(
