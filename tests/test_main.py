@@ -27,7 +27,7 @@ def run_main(*args, timeout=600):
 @pytest.mark.parametrize("config,extra", [
     ("configs/arithmetic.py", []),
     ("configs/algebra.py", []),
-    ("configs/arithmetic.py", ["--config.task.name=generic",
+    ("configs/arithmetic.py", ["--config.task.name=generic", "--config.task.proposal_format=tagged",
                                "--config.task.topic=Probability of dice rolls"]),
     ("configs/coding.py", []),  # Programs run in the sandbox; evaluated on HumanEval.
 ])
