@@ -18,8 +18,9 @@ def get_config():
   c.rollout.prompts_per_step = 64
   c.rollout.proposals_per_prompt = 4
   c.rollout.answers_per_question = 4
-  c.rollout.max_proposal_tokens = 1024
-  c.rollout.max_answer_tokens = 3072  # Word problems need longer reasoning.
+  # Both roles: max_response_length 3072 (word problems need longer reasoning).
+  c.rollout.max_proposal_tokens = 3072
+  c.rollout.max_answer_tokens = 3072
   c.rl.learning_rate = 1e-6
   c.rl.kl_coef = 1e-3
   c.rl.kl_estimator = "low_var"
@@ -29,5 +30,4 @@ def get_config():
   c.rewards.invalid_answers_vote = True  # An unparseable answer votes, as None.
   c.eval.heldout = "linear_equations"
   c.eval.max_new_tokens = 3072
-  c.eval.every = 20
   return c

@@ -18,7 +18,7 @@ def get_config():
   c.rollout.prompts_per_step = 64  # 64 topic prompts x 4 proposals = 256 questions per step,
   c.rollout.proposals_per_prompt = 4
   c.rollout.answers_per_question = 4  # x N = 4 answers = 1,024 solver samples per step.
-  c.rollout.max_proposal_tokens = 1024
+  c.rollout.max_proposal_tokens = 1024  # Both roles: max_response_length 1024.
   c.rollout.max_answer_tokens = 1024
   c.rl.learning_rate = 1e-6
   c.rl.kl_coef = 1e-3  # KL to the starting model, low-variance (k3) estimator.
@@ -28,5 +28,4 @@ def get_config():
   c.rewards.proposer_shape = "sqlm"  # 1 iff 1 < k < N, as in the reference code.
   c.rewards.invalid_answers_vote = True  # An unparseable answer votes, as None.
   c.eval.heldout = "multiplication3"  # Three-digit multiplication, like the paper's test set.
-  c.eval.every = 20
   return c

@@ -62,6 +62,19 @@ def base_config() -> ml_collections.ConfigDict:
   # generator (Task.generate_question), seeded from (seed, step): the no-proposer baseline; the
   # proposer is then neither sampled nor updated.
   c.task.question_source = "proposer"
+  # How the proposer is prompted and its reply parsed: "tagged" (ours: the question inside
+  # <question> tags, a reply without them is malformed) or "reference" (the reference
+  # trainer's prompts and parsers: arithmetic's whole reply, or algebra's text after the last
+  # "Selected Question", is the question, and the solver's instruction comes before it; coding's
+  # problem is the text before "Test Cases:", its solver gets a system message).
+  c.task.proposal_format = "tagged"  # tagged | reference
+  # Coding: how many of a proposal's tests count. 0 (ours) = exactly 5 are asked for and a
+  # proposal with another number is malformed; > 0 (the reference: 10) = any number from 1, of
+  # which the first max_tests are scored.
+  c.task.max_tests = 0
+  # Coding: the program is the last closed ```python block ("closed", ours) or, as the
+  # reference's reward, the text after the last ```python even if never closed ("reference").
+  c.task.code_extraction = "closed"  # closed | reference
 
   c.rollout = ml_collections.ConfigDict()
   c.rollout.prompts_per_step = 64  # Topic prompts per step (each one a proposer group).
@@ -69,6 +82,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.rollout.answers_per_question = 4  # N: solver answers per question (the vote's size).
   c.rollout.max_proposal_tokens = 1024
   c.rollout.max_answer_tokens = 1024
+  # The solver's prompt (chat template and question) is cut to its last this many tokens (left
+  # truncation, as the reference's max_prompt_length: 512, truncation: left); 0 = no cut.
+  c.rollout.max_solver_prompt_tokens = 0
   # Sampling temperature of both roles; the loss scores log-probs at the same temperature.
   c.rollout.temperature = ml_collections.FieldReference(1.0)
   c.rollout.top_p = 1.0  # Nucleus filter for both roles (1.0 = off).
@@ -97,6 +113,17 @@ def base_config() -> ml_collections.ConfigDict:
   # True (the reference): unparseable answers vote together as None; a question None wins
   # rewards nobody and counts k = 0 for the proposer. False (ours): they never vote.
   c.rewards.invalid_answers_vote = False
+  # What an answer is, for the vote (math topics): "lenient" (ours: the task's canonical form;
+  # fractions, decimals, assignments and \boxed{} count, "0.5" = "1/2") or "reference" (the
+  # reference trainer's: the last single-line <answer>..</answer>, case-sensitive, counted
+  # only if int() parses it, voting as its stripped raw text, so "042" != "42"). Held-out
+  # evaluation always grades with the task's own form.
+  c.rewards.answer_parser = "lenient"  # lenient | reference
+  # Malformed proposals (no question could be parsed, or tests that do not parse): False (ours)
+  # masks them out of both roles' losses; True (the reference trainer, whose loss mask is
+  # computed but unused) pays them the proposer reward 0 and trains the proposer on them, in
+  # its group's statistics. The solver has nothing to answer for them either way.
+  c.rewards.train_malformed_proposals = False
   # "majority" (the vote) | "random": the information-free control, each question's rewards
   # handed to random valid answers (rewards.random_solver_reward); the proposer is still paid
   # from the real vote.
@@ -131,6 +158,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.rl.recompute_old_logprobs = ml_collections.config_dict.placeholder(bool)
   c.proposer_update_every = 5  # The proposer is updated every this many steps.
 
+  # The value model (rl.advantage_estimator="gae", sqlm_jax/critic.py): its head starts at
+  # "zeros" (ours) or "random" (verl's). It fits the proposer's batch every step, then the
+  # solver's, before either policy update (verl's order).
+  c.critic = ml_collections.ConfigDict()
+  c.critic.head_init = "zeros"  # zeros | random
+
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 20  # Evaluate every this many steps (0 = only at the start and end).
   c.eval.heldout = "multiplication3"  # Held-out set with ground truth (sqlm_jax/datasets.py).
@@ -163,13 +196,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.sandbox = ml_collections.ConfigDict()  # Coding topics only.
   c.sandbox.workers = 0  # 0 = one per CPU.
   c.sandbox.timeout_s = 5.0
+  # A test passes when a clean exit's stdout has the expected whitespace-separated tokens
+  # ("tokens", ours) or equals it after trailing newlines are stripped ("newlines", the
+  # reference's sandbox comparison).
+  c.sandbox.output_match = "tokens"  # tokens | newlines
   c.sandbox.allow_unsandboxed = False  # Never set on shared machines: runs model code unisolated.
   return c
 
 
 def reference_update(c: ml_collections.ConfigDict) -> None:
-  """The reference trainer's update (verl, exps/smallbs.yaml; the README's fidelity table),
-  shared by the paper's math configs."""
+  """The reference trainer's update and data path (verl, exps/smallbs.yaml; the README's
+  fidelity table), shared by the paper's math configs."""
   c.shared_weights_update = "sequential"  # Solver update, then proposer on the updated weights.
   c.rl.weight_decay = 0.01
   c.rl.clip_eps_low = 0.2
@@ -179,6 +216,15 @@ def reference_update(c: ml_collections.ConfigDict) -> None:
   c.rl.kl_clamp = 10.0
   c.rl.ppo_mini_batch_size = 128  # 32 prompts x n = 4: 8 steps per solver update, 2 per proposer.
   c.rl.ppo_epochs = 1
+  c.rl.dual_clip = 3.0  # clip_ratio_c: dual-clip PPO for negative advantages.
+  c.rl.weight_decay_mask = "all"  # torch AdamW decays every parameter.
+  # The reference's data path: its answers (integers only), its prompt formats, every proposal
+  # trained on, the solver's prompt cut to its last 512 tokens.
+  c.rewards.answer_parser = "reference"
+  c.task.proposal_format = "reference"
+  c.rewards.train_malformed_proposals = True
+  c.rollout.max_solver_prompt_tokens = 512
+  c.eval.every = 5  # test_freq: 5, and once before the first step (val_before_train).
 
 
 def load_config(name_or_path: str) -> ml_collections.ConfigDict:

@@ -5,9 +5,10 @@ As in verl's critic, the trunk is the starting checkpoint without its vocabulary
 linear head reads one value per position from the final hidden states. Its parameters are a
 plain tree {"trunk": <the model's parameters without lm_head>, "value_head": [E],
 "value_bias": []}, sharded like the policy's (the head along "embed"), and live in the run
-state next to the policy's as params["critic"] / opt_state["critic"]. The head starts at zero,
-so the first values are 0 (verl's starts random); the critic has its own AdamW at
-rl.critic_learning_rate on the policy's schedule shape (`rl.critic_config`).
+state next to the policy's as params["critic"] / opt_state["critic"]. critic.head_init chooses
+the head's start: "zeros" (ours: the first values are 0) or "random" (verl's: transformers'
+token-classification head, weights drawn from N(0, 0.02^2), bias 0). The critic has its own
+AdamW at rl.critic_learning_rate on the policy's schedule shape (`rl.critic_config`).
 """
 
 from __future__ import annotations
@@ -21,12 +22,21 @@ from sqlm_jax import sharding
 from sqlm_jax.models import forward
 
 
-def init(policy_params: dict[str, Any], model_config) -> dict[str, Any]:
-  """Critic parameters from (a copy of) the starting weights; the head at zero."""
+HEAD_INITS = ("zeros", "random")
+HEAD_STD = 0.02  # transformers' initializer_range default, which verl's critic head is drawn with.
+
+
+def init(policy_params: dict[str, Any], model_config, head_init: str = "zeros",
+         key: jax.Array | None = None) -> dict[str, Any]:
+  """Critic parameters from (a copy of) the starting weights; the head at zero or random (key)."""
+  if head_init not in HEAD_INITS:
+    raise ValueError(f"critic.head_init={head_init!r} is not one of {', '.join(HEAD_INITS)}.")
   trunk = {name: value for name, value in policy_params.items() if name != "lm_head"}
   dtype = jax.tree.leaves(trunk)[0].dtype
-  return {"trunk": trunk, "value_head": jnp.zeros((model_config.hidden_size,), dtype),
-          "value_bias": jnp.zeros((), dtype)}
+  head = jnp.zeros((model_config.hidden_size,), dtype)
+  if head_init == "random":
+    head = (HEAD_STD * jax.random.normal(key, head.shape, jnp.float32)).astype(dtype)
+  return {"trunk": trunk, "value_head": head, "value_bias": jnp.zeros((), dtype)}
 
 
 def param_shardings(layout: sharding.Layout, model_config) -> dict[str, Any]:

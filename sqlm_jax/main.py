@@ -65,6 +65,9 @@ def validate(config) -> None:
   if config.rollout.rows_per_call < 0:
     raise ConfigError(f"config.rollout.rows_per_call={config.rollout.rows_per_call} must be >= 0 "
                       "(0 = chosen by the memory plan).")
+  if config.rollout.max_solver_prompt_tokens < 0:
+    raise ConfigError(f"config.rollout.max_solver_prompt_tokens="
+                      f"{config.rollout.max_solver_prompt_tokens} must be >= 0 (0 = no cut).")
   if config.rl.logprob_chunk < 0:
     raise ConfigError(f"config.rl.logprob_chunk={config.rl.logprob_chunk} must be >= 0 (0 = the "
                       "whole sequence at once).")
@@ -105,6 +108,10 @@ def validate(config) -> None:
   _choice(config, "rl.std_ddof", (0, 1))
   if config.rl.kl_clamp < 0:
     raise ConfigError(f"config.rl.kl_clamp={config.rl.kl_clamp} must be >= 0 (0 = no clamp).")
+  _choice(config, "rl.weight_decay_mask", ("matrices", "all"))
+  if config.rl.dual_clip != 0 and config.rl.dual_clip <= 1:
+    raise ConfigError(f"config.rl.dual_clip={config.rl.dual_clip} must be 0 (off) or > 1 (the "
+                      "reference: 3.0).")
   if config.rl.ppo_epochs < 1:
     raise ConfigError(f"config.rl.ppo_epochs={config.rl.ppo_epochs} must be at least 1.")
   mini, micro = config.rl.ppo_mini_batch_size, config.rl.micro_batch_size
@@ -128,10 +135,26 @@ def validate(config) -> None:
   check_context_length(config)
 
 
+MATH_TASKS = ("arithmetic", "algebra", "generic")  # Answers in <answer> tags.
+
+
 def check_task_options(config) -> None:
   """Options that need something of the task: a question generator, a vote to guard, a
   paraphrase."""
   from sqlm_jax.roles import make_task
+  from sqlm_jax.tasks import PROPOSAL_FORMATS, REFERENCE_FORMAT_TASKS
+  _choice(config, "task.proposal_format", PROPOSAL_FORMATS)
+  if (config.task.proposal_format == "reference"
+      and config.task.name not in REFERENCE_FORMAT_TASKS):
+    raise ConfigError(f"config.task.proposal_format='reference' is the reference trainer's "
+                      f"format for {', '.join(REFERENCE_FORMAT_TASKS)}; task "
+                      f"{config.task.name!r} has none, so use 'tagged'.")
+  _choice(config, "task.code_extraction", ("closed", "reference"))
+  _choice(config, "sandbox.output_match", ("tokens", "newlines"))
+  if config.task.max_tests < 0:
+    raise ConfigError(f"config.task.max_tests={config.task.max_tests} must be >= 0 (0 = exactly "
+                      "5 tests per coding proposal).")
+  _choice(config, "critic.head_init", ("zeros", "random"))
   task, _ = make_task(config)
   if config.task.question_source == "fixed" and task.generate_question is None:
     raise ConfigError(f"config.task.question_source='fixed' needs a question generator, which "
@@ -142,6 +165,11 @@ def check_task_options(config) -> None:
       if _get(config, key):
         raise ConfigError(f"config.{key}={_get(config, key)} guards a majority vote; task "
                           f"{task.name!r} scores answers by tests, so set it to 0.")
+  _choice(config, "rewards.answer_parser", ("lenient", "reference"))
+  if config.rewards.answer_parser == "reference" and task.name not in MATH_TASKS:
+    raise ConfigError(f"config.rewards.answer_parser='reference' reads integer answers from "
+                      f"<answer> tags, the math topics' format; task {task.name!r} answers "
+                      f"otherwise, so use 'lenient' (or one of {', '.join(MATH_TASKS)}).")
   guard = config.rewards.paraphrase_guard
   if guard != "off" and (task.paraphrase is None or task.reward_kind != "vote"):
     raise ConfigError(f"config.rewards.paraphrase_guard={guard!r} needs a task that can re-ask a "
@@ -170,14 +198,17 @@ def check_context_length(config) -> None:
   task, topic = make_task(config)
   proposer = bucket(len(encode_chat(tokenizer, task.proposer_messages(topic))))
   template = len(encode_chat(tokenizer, task.solver_messages(Proposal("?")))) - 1
-  solver = bucket(template + config.rollout.max_proposal_tokens)
+  solver = template + config.rollout.max_proposal_tokens
+  if config.rollout.max_solver_prompt_tokens:
+    solver = min(solver, config.rollout.max_solver_prompt_tokens)
+  solver = bucket(solver)
   template = bucket(template)
   if proposer >= limit or template >= limit:
     raise ConfigError(
         f"The prompts alone ({max(proposer, template)} tokens, rounded up to a power of two) fill "
         f"the model's context, max_position_embeddings={limit} in {config.model.path}/"
         "config.json; use a model with a longer context (or a shorter config.task.topic).")
-  if solver >= limit:
+  if solver >= limit:  # Only without a cut (rollout.max_solver_prompt_tokens) below the limit.
     raise ConfigError(
         f"config.rollout.max_proposal_tokens={config.rollout.max_proposal_tokens}: a question "
         f"that long makes the solver's prompt {solver} tokens, the whole of the model's context, "

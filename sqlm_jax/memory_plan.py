@@ -72,6 +72,8 @@ def prompt_lengths(config, tokenizer, task) -> tuple[int, int]:
   proposer = len(encode_chat(tokenizer, task.proposer_messages(config.task.topic or "topic")))
   solver = len(encode_chat(tokenizer, task.solver_messages(Proposal("?")))) - 1
   solver += config.rollout.max_proposal_tokens
+  if config.rollout.max_solver_prompt_tokens:
+    solver = min(solver, config.rollout.max_solver_prompt_tokens)
   return bucket(proposer), bucket(solver)
 
 

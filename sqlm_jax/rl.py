@@ -76,8 +76,9 @@ def default_config() -> ml_collections.ConfigDict:
       final_lr_ratio * learning_rate at total_steps).
     total_steps (optional): where the cosine schedule ends.
     final_lr_ratio (optional): cosine floor as a fraction of learning_rate.
-    weight_decay: decoupled AdamW decay, applied to matrices only (leaves with ndim >= 2),
-      never to norms and biases. Ours 0; verl 0.01 (on every parameter).
+    weight_decay: decoupled AdamW decay. Ours 0; verl 0.01.
+    weight_decay_mask (optional): which leaves decay: "matrices" (ndim >= 2, never norms and
+      biases; ours) or "all" (verl: torch AdamW over every parameter).
     b1, b2, adam_eps (optional): Adam moments and epsilon (verl: 0.9, 0.999, 1e-8).
     max_grad_norm: global-norm gradient clip; 0 disables it (verl: 1.0). The update reports
       the norm before clipping.
@@ -87,6 +88,10 @@ def default_config() -> ml_collections.ConfigDict:
     clip_eps_low, clip_eps_high: the PPO ratio is clipped to [1 - low, 1 + high]; a larger
       high side (DAPO's clip-higher) lets unlikely tokens with positive advantage grow.
       Ours 0.2 / 0.28; verl 0.2 / 0.2.
+    dual_clip (optional): dual-clip PPO's c (Ye et al. 2020): for a negative advantage the
+      clipped token loss is capped at -c * A, so a token whose ratio has grown far above 1
+      cannot push the loss (and its gradient) without bound. 0 = off (ours); verl's
+      clip_ratio_c is 3.0. Must be 0 or > 1.
     kl_coef: weight of the KL penalty (a loss term) to the frozen reference; 0 disables it
       (no ref_logprobs needed). verl: 0.001 in the paper's math runs, none in its coding run.
     kl_estimator: "k1" (logp - ref) or "k3" / "low_var" (exp(ref - logp) - (ref - logp) - 1,
@@ -124,7 +129,8 @@ def default_config() -> ml_collections.ConfigDict:
       run: 1e-5), on the same schedule shape as the policy's.
     gae_gamma, gae_lambda: "gae" only: discount and GAE lambda (verl: 1.0, 1.0).
     value_clip: "gae" only: new values are clipped to old +- value_clip in the value loss
-      (verl's cliprange_value, 0.5).
+      (verl's cliprange_value, 0.5). The value loss is verl's: the clipped squared error,
+      without a factor 1/2.
   """
   return ml_collections.ConfigDict(dict(
       learning_rate=1e-6,
@@ -133,6 +139,7 @@ def default_config() -> ml_collections.ConfigDict:
       total_steps=1000,
       final_lr_ratio=0.0,
       weight_decay=0.0,
+      weight_decay_mask="matrices",
       b1=0.9,
       b2=0.999,
       adam_eps=1e-8,
@@ -140,6 +147,7 @@ def default_config() -> ml_collections.ConfigDict:
       skip_nonfinite_updates=True,
       clip_eps_low=0.2,
       clip_eps_high=0.28,
+      dual_clip=0.0,
       kl_coef=0.0,
       kl_estimator="low_var",
       kl_clamp=0.0,
@@ -162,8 +170,9 @@ def default_config() -> ml_collections.ConfigDict:
 _OPTIONAL_DEFAULTS = dict(lr_schedule="constant", total_steps=None, final_lr_ratio=0.0,
                           b1=0.9, b2=0.999, adam_eps=1e-8, max_completion_length=None,
                           advantage_eps=1e-6, std_ddof=0, kl_clamp=0.0, ppo_mini_batch_size=0,
-                          ppo_epochs=1, value_clip=0.5, logprob_chunk=0,
-                          skip_nonfinite_updates=True)
+                          ppo_epochs=1, value_clip=0.5, logprob_chunk=0, dual_clip=0.0,
+                          weight_decay_mask="matrices", skip_nonfinite_updates=True)
+WEIGHT_DECAY_MASKS = ("matrices", "all")
 
 
 def _field(cfg, name):
@@ -416,6 +425,9 @@ def _policy_sums(logprobs, old_logprobs, advantages, loss_mask, sample_weight, c
                  ref_logprobs=None, entropy=None):
   """Un-normalised objective (the loss times `loss_normaliser`) and metric sums."""
   eps_low, eps_high = float(_field(cfg, "clip_eps_low")), float(_field(cfg, "clip_eps_high"))
+  dual_clip = float(_field(cfg, "dual_clip"))
+  if dual_clip != 0 and dual_clip <= 1:
+    raise ValueError(f"RL config dual_clip={dual_clip} must be 0 (off) or > 1 (verl: 3.0).")
   kl_coef = float(_field(cfg, "kl_coef"))
   kl_estimator = _choice(cfg, "kl_estimator", KL_ESTIMATORS)
   loss_agg = _choice(cfg, "loss_agg", LOSS_AGGREGATIONS)
@@ -440,6 +452,10 @@ def _policy_sums(logprobs, old_logprobs, advantages, loss_mask, sample_weight, c
   adv = jnp.where(live[:, None], advantages, 0.0)  # [B, 1] or [B, T]
   clipped = jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high)
   pg = jnp.maximum(-adv * ratio, -adv * clipped)  # [B, T], pessimistic
+  dual_clipped = jnp.zeros_like(pg, dtype=bool)
+  if dual_clip:  # Negative advantages: the loss is capped at -c * A.
+    dual_clipped = (adv < 0) & (pg > -adv * dual_clip)
+    pg = jnp.where(adv < 0, jnp.minimum(pg, -adv * dual_clip), pg)
   per_token = pg
 
   kl = jnp.zeros_like(pg)
@@ -477,6 +493,7 @@ def _policy_sums(logprobs, old_logprobs, advantages, loss_mask, sample_weight, c
       sequences=jnp.sum(live, dtype=jnp.float32),
       clip_low=tsum((ratio < 1.0 - eps_low) & (adv < 0)),
       clip_high=tsum((ratio > 1.0 + eps_high) & (adv > 0)),
+      clip_dual=tsum(dual_clipped),
       ratio=tsum(ratio),
       ratio_max=jnp.max(jnp.where(scored, ratio, -jnp.inf)),
       ratio_min=jnp.min(jnp.where(scored, ratio, jnp.inf)),
@@ -495,7 +512,8 @@ def policy_loss(logprobs, old_logprobs, advantages, loss_mask, sample_weight, cf
   """PPO clipped policy-gradient loss with an optional KL penalty to a frozen reference.
 
   Per scored token: max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)) + kl_coef * KL, with
-  r = exp(logprobs - old_logprobs); aggregated by cfg.loss_agg (see `default_config`).
+  r = exp(logprobs - old_logprobs), the first term capped at -c A where A < 0 with
+  cfg.dual_clip = c > 0; aggregated by cfg.loss_agg (see `default_config`).
 
   Args:
     logprobs, old_logprobs, loss_mask, ref_logprobs, entropy: [B, T], target-aligned.
@@ -507,7 +525,8 @@ def policy_loss(logprobs, old_logprobs, advantages, loss_mask, sample_weight, cf
 
   Returns:
     (loss, metrics): metrics are means over scored tokens: clip_low / clip_high (fraction
-    of tokens whose clipped side is active), ratio (mean), ratio_min / ratio_max,
+    of tokens whose clipped side is active), clip_dual (fraction capped by dual_clip), ratio
+    (mean), ratio_min / ratio_max,
     approx_kl_old (KL to the sampling policy), pg_loss, kl, entropy, logprob; plus tokens
     and sequences (counts).
   """
@@ -524,8 +543,9 @@ def policy_loss(logprobs, old_logprobs, advantages, loss_mask, sample_weight, cf
 def _value_sums(values, old_values, returns, loss_mask, sample_weight, cfg):
   """Un-normalised clipped value loss (token sums) and metric sums, as verl's critic.
 
-  Per scored token: 0.5 * max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2), c = value_clip:
-  the value cannot gain by moving further than c from where it was at sampling time.
+  Per scored token: max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2), c = value_clip,
+  with no factor 1/2 (verl's compute_value_loss): the value cannot gain by moving further
+  than c from where it was at sampling time.
   """
   clip = float(_field(cfg, "value_clip"))
   weight = jnp.asarray(loss_mask, jnp.float32) * jnp.asarray(sample_weight, jnp.float32)[:, None]
@@ -533,7 +553,7 @@ def _value_sums(values, old_values, returns, loss_mask, sample_weight, cfg):
   values = values.astype(jnp.float32)
   clipped = jnp.clip(values, old_values - clip, old_values + clip)
   plain_loss, clipped_loss = jnp.square(values - returns), jnp.square(clipped - returns)
-  per_token = 0.5 * jnp.maximum(plain_loss, clipped_loss)
+  per_token = jnp.maximum(plain_loss, clipped_loss)
 
   def tsum(x):
     return jnp.sum(jnp.where(scored, x, 0.0))
@@ -812,13 +832,14 @@ def make_optimizer(cfg):
   """optax AdamW, global-norm clipping first, with the learning rate as an injected
   hyper-parameter that `make_update_fn`'s update sets from the schedule at every step."""
   max_norm = _field(cfg, "max_grad_norm")
+  decay_all = _choice(cfg, "weight_decay_mask", WEIGHT_DECAY_MASKS) == "all"
 
   def adamw(learning_rate):
     clip = optax.clip_by_global_norm(float(max_norm)) if max_norm else optax.identity()
     return optax.chain(clip, optax.adamw(
         learning_rate, b1=float(_field(cfg, "b1")), b2=float(_field(cfg, "b2")),
         eps=float(_field(cfg, "adam_eps")), weight_decay=float(_field(cfg, "weight_decay")),
-        mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)))
+        mask=lambda params: jax.tree.map(lambda p: decay_all or p.ndim >= 2, params)))
 
   return optax.inject_hyperparams(adamw)(learning_rate=float(_field(cfg, "learning_rate")))
 
@@ -826,8 +847,8 @@ def make_optimizer(cfg):
 def critic_config(cfg) -> ml_collections.ConfigDict:
   """The value model's optimizer settings: the policy's, at critic_learning_rate."""
   names = ("learning_rate", "warmup_steps", "lr_schedule", "total_steps", "final_lr_ratio",
-           "weight_decay", "b1", "b2", "adam_eps", "max_grad_norm", "temperature", "value_clip",
-           "skip_nonfinite_updates")
+           "weight_decay", "weight_decay_mask", "b1", "b2", "adam_eps", "max_grad_norm",
+           "temperature", "value_clip", "skip_nonfinite_updates")
   values = {name: _field(cfg, name) for name in names}
   values["learning_rate"] = float(_field(cfg, "critic_learning_rate"))
   return ml_collections.ConfigDict(values)

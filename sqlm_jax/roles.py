@@ -122,8 +122,12 @@ def make_task(config) -> tuple[Task, str]:
   if config.task.name == "generic":
     from sqlm_jax.tasks import generic
     task = generic.make_task(config.task.topic or generic.DEFAULT_TOPIC)
+  elif config.task.name == "coding":
+    from sqlm_jax.tasks import coding
+    task = coding.make_task(config.task.max_tests, config.task.code_extraction,
+                            config.task.proposal_format)
   else:
-    task = get_task(config.task.name)
+    task = get_task(config.task.name, config.task.proposal_format)
   return task, config.task.topic or task.default_topic
 
 
@@ -283,8 +287,10 @@ def setup(config: ml_collections.ConfigDict) -> tuple[Setup, RunState]:
   if config.rl.advantage_estimator == "gae":  # The value model, on the solver's devices.
     layout = layouts["solver"]
     shardings = critic.param_shardings(layout, model_config)
-    params["critic"] = jax.jit(functools.partial(critic.init, model_config=model_config),
-                               out_shardings=shardings)(load(layout))
+    init = functools.partial(critic.init, model_config=model_config,
+                             head_init=config.critic.head_init)
+    head_key = jax.random.fold_in(jax.random.key(config.seed), 2**31 - 2)
+    params["critic"] = jax.jit(init, out_shardings=shardings)(load(layout), key=head_key)
     critic_cfg = rl.critic_config(config.rl)
     critic_optimizer = rl.make_optimizer(critic_cfg)
     opt_shardings = sharding.like_params(critic_optimizer, shardings,

@@ -56,7 +56,6 @@ import json
 import math
 import os
 import pwd
-import queue
 import selectors
 import shutil
 import signal

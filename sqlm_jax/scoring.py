@@ -15,6 +15,7 @@ import numpy as np
 from sqlm_jax import rewards, rl
 from sqlm_jax.sampling import bucket
 from sqlm_jax.tasks.base import Proposal
+from sqlm_jax.tasks import math_answers
 from sqlm_jax.tasks.math_answers import answer_ids
 
 
@@ -69,6 +70,18 @@ def test_signals(passes, test_mask, centre, width, eps, *, shape, estimator, ddo
   return solver_r, proposer_r, rl.group_advantages(solver_r, estimator, eps, ddof=ddof)
 
 
+ANSWER_PARSERS = ("lenient", "reference")
+
+
+def vote_answer(config, task):
+  """Solver completion -> the answer it votes with: the task's own canonical answer
+  (rewards.answer_parser="lenient") or the reference trainer's integer-only raw string
+  ("reference", math topics). Held-out evaluation always grades with the task's own."""
+  if config.rewards.answer_parser == "reference":
+    return math_answers.reference_answer
+  return task.extract_answer
+
+
 def score(s, questions: list[Proposal], answers: list[list], key: jax.Array,
           paraphrase_answers: Optional[list[list]] = None):
   """Answers -> majority answers [Q], k [Q], solver rewards [Q, N], proposer rewards [Q],
@@ -85,7 +98,8 @@ def score(s, questions: list[Proposal], answers: list[list], key: jax.Array,
   if s.task.reward_kind == "tests":
     from sqlm_jax.tasks.coding import pass_matrix
     passes, test_mask = pass_matrix(questions + [Proposal(None)] * (rows - q),
-                                    answers + [[None] * n] * (rows - q), s.sandbox_pool)
+                                    answers + [[None] * n] * (rows - q), s.sandbox_pool,
+                                    output_match=c.sandbox.output_match)
     solver_r, proposer_r, solver_adv = test_signals(passes, test_mask, **shape)
     # Answers passing every test (a random shuffle keeps each question's rewards).
     k = (np.asarray(solver_r) == 1.0).sum(-1)
@@ -117,14 +131,24 @@ def score(s, questions: list[Proposal], answers: list[list], key: jax.Array,
           None if agrees is None else agrees[:q])
 
 
+def proposer_weights(config, valid: np.ndarray) -> np.ndarray:
+  """Each proposal's weight in the proposer's loss [P*M]: 1 for the valid, and for the
+  malformed 1 with rewards.train_malformed_proposals (the reference), else 0 (masked)."""
+  if config.rewards.train_malformed_proposals:
+    return np.ones(len(valid), np.float32)
+  return valid.astype(np.float32)
+
+
 def proposer_advantages(config, proposer_r: np.ndarray, valid: np.ndarray) -> np.ndarray:
-  """Proposer rewards [Q] -> advantages over every proposal [P*M], grouped by topic prompt, the
-  invalid masked (weight 0, out of the statistics); under GAE the rewards themselves."""
+  """Proposer rewards [Q] -> advantages over every proposal [P*M], grouped by topic prompt; a
+  malformed proposal has reward 0 and is masked (weight 0, out of the statistics) unless
+  rewards.train_malformed_proposals; under GAE the rewards themselves."""
   full_r = np.zeros(len(valid), np.float32)
   full_r[valid] = proposer_r
+  trained = proposer_weights(config, valid) > 0
   if config.rl.advantage_estimator == "gae":
     return full_r
   groups = (config.rollout.prompts_per_step, config.rollout.proposals_per_prompt)
   return np.asarray(rl.group_advantages(
       full_r.reshape(groups), config.rl.advantage_estimator, config.rl.advantage_eps,
-      mask=valid.reshape(groups), ddof=config.rl.std_ddof)).reshape(-1)
+      mask=trained.reshape(groups), ddof=config.rl.std_ddof)).reshape(-1)

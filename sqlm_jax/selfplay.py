@@ -3,10 +3,12 @@
 One step, top to bottom (see `train_step`):
   1. propose  sample `proposals_per_prompt` proposals for each of `prompts_per_step` topic prompts
   2. parse    proposals -> questions; unparseable ones are masked out of both roles' losses
+              (or, rewards.train_malformed_proposals, trained on with proposer reward 0)
   3. solve    sample N answers per question (one shared prefill per question)
   4. score    answers -> ids -> majority vote (or test pass rates for code) -> rewards [Q, N], [Q]
-  5. update   the solver every step, the proposer every `proposer_update_every` steps, each in
-              PPO mini-batches (and, with rl.advantage_estimator="gae", the value model)
+  5. update   with rl.advantage_estimator="gae", the value model on the proposer's batch, then
+              the solver's; the solver every step, the proposer every `proposer_update_every`
+              steps, each in PPO mini-batches
   6. log      metrics.jsonl, TensorBoard, samples.jsonl; evaluate every `eval.every` steps
 """
 
@@ -104,6 +106,11 @@ def fixed_questions(config, task: Task, step: int) -> list[Proposal]:
   return [task.generate_question(rng) for _ in range(count)]
 
 
+def cut_prompts(prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+  """Each prompt's last max_tokens tokens (left truncation, as the reference); 0 = uncut."""
+  return [p[-max_tokens:] for p in prompts] if max_tokens else prompts
+
+
 def decode(s: Setup, state: RunState, role: str, copies: dict, prompts, key: jax.Array,
            **kwargs) -> SampleOutput:
   """A role's rollouts on its rollout layout, in calls of s.rows_per_call rows. `copies` keeps
@@ -130,7 +137,7 @@ def parse_proposals(s: Setup, step: int, proposals_out: Optional[SampleOutput]):
   prompts = [encode_chat(tok, task.solver_messages(p)) for p in questions]
   if s.config.rewards.paraphrase_guard != "off":
     prompts += [encode_chat(tok, task.solver_messages(task.paraphrase(p))) for p in questions]
-  return texts, proposals, prompts
+  return texts, proposals, cut_prompts(prompts, s.config.rollout.max_solver_prompt_tokens)
 
 
 def score_answers(s: Setup, state: RunState, proposals, questions, num_prompts: int,
@@ -139,7 +146,8 @@ def score_answers(s: Setup, state: RunState, proposals, questions, num_prompts: 
   [Q, N], proposer rewards [Q], solver advantages [Q, N] and the step's scoring metrics."""
   n, q = s.config.rollout.answers_per_question, len(questions)
   answer_texts = evaluation.decode_rows(s.tokenizer, answers_out) if questions else []
-  extracted = [[s.task.extract_answer(t) for t in answer_texts[i * n:(i + 1) * n]]
+  extract = scoring.vote_answer(s.config, s.task)
+  extracted = [[extract(t) for t in answer_texts[i * n:(i + 1) * n]]
                for i in range(num_prompts)]
   answers, paraphrase_answers = extracted[:q], extracted[q:]
   majority, k, solver_r, proposer_r, solver_adv, agrees = scoring.score(
@@ -214,16 +222,20 @@ def train_step(s: Setup, state: RunState, key: jax.Array) -> tuple[RunState, dic
                                        solver_adv.reshape(-1), np.ones(q * n),
                                        state.params[role_key(c, "solver")], critic_params)
   update_proposer = not fixed and (state.step + 1) % c.proposer_update_every == 0
-  if update_proposer and valid.any():
+  proposer_weights = None if fixed else scoring.proposer_weights(c, valid)
+  # The value model fits the proposer's batch every step (verl), the policy only on its steps.
+  if (update_proposer or critic_params is not None) and not fixed and proposer_weights.any():
     rows["proposer"] = len(proposals)
     batches["proposer"] = training_batch(s, "proposer", proposals_out, len(proposals),
                                          np.arange(len(proposals)),
                                          scoring.proposer_advantages(c, proposer_r, valid),
-                                         valid.astype(np.float32),
+                                         proposer_weights,
                                          state.params[role_key(c, "proposer")], critic_params)
   mini = {role: rl.mini_batches(batch, rows[role], c.rl.ppo_mini_batch_size)
           for role, batch in batches.items()}
-  state, update_metrics = apply_role_updates(s, state, mini)
+  policy_mini = {role: mbs for role, mbs in mini.items()
+                 if role == "solver" or update_proposer}
+  state, update_metrics = apply_role_updates(s, state, policy_mini, mini)
   for role, role_metrics in update_metrics.items():
     for name, value in role_metrics.items():
       m[f"{role}/{name}"] = float(value)
@@ -236,7 +248,7 @@ def train_step(s: Setup, state: RunState, key: jax.Array) -> tuple[RunState, dic
   m.update({f"time/{name}": value for name, value in times.items()})
   m["time/step"] = total
   m["time/host_fraction"] = (times["host_parse"] + times["host_score"]) / total
-  trained_tokens = sum(float(update_metrics[r]["tokens"]) for r in batches)
+  trained_tokens = sum(float(update_metrics[r]["tokens"]) for r in policy_mini)
   m["train_tokens_per_s"] = trained_tokens / max(times["train"], 1e-9)
   samples = metrics_lib.sample_records(c.log.samples_per_step, proposals, proposal_texts,
                                        questions, answers, answer_texts, majority, solver_r,
@@ -265,27 +277,32 @@ def update_plan(config, batches: dict[str, list]) -> list[tuple[str, tuple, tupl
           for role in roles for _ in range(epochs) for mb in batches[role]]
 
 
-def apply_role_updates(s: Setup, state: RunState, batches: dict[str, list]) -> tuple[RunState, dict]:
+def apply_role_updates(s: Setup, state: RunState, batches: dict[str, list],
+                       critic_batches: Optional[dict[str, list]] = None
+                       ) -> tuple[RunState, dict]:
   """Runs `update_plan`'s optimizer steps with the donated updates, all at the learning rate of
-  self-play step state.step (see rl.default_config); with a value model, the critic takes the
-  same steps on the same mini-batches. Returns each role's (and the critic's) metrics over its
-  steps: means, with token and sequence counts summed and the number of steps as
-  optimizer_steps. With summed shared weights, grad_norm is the summed gradient's, reported as
-  grad_norm_combined."""
+  self-play step state.step (see rl.default_config). With a value model, the critic first
+  fits critic_batches (default `batches`) as verl does: the proposer's mini-batches, then the
+  solver's, one step each, rl.ppo_epochs times, before either policy moves. Returns each
+  role's (and the critic's) metrics over its steps: means, with token and sequence counts
+  summed and the number of steps as optimizer_steps. With summed shared weights, grad_norm is
+  the summed gradient's, reported as grad_norm_combined."""
   c = s.config
   params, opt_state = dict(state.params), dict(state.opt_state)
   per_role: dict[str, list] = {}
-  plan = update_plan(c, batches)
-  for key, roles, mbs in plan:
+  if s.critic_update is not None:
+    critic_batches = batches if critic_batches is None else critic_batches
+    for role in ("proposer", "solver"):
+      for _ in range(c.rl.ppo_epochs):
+        for mb in critic_batches.get(role, []):
+          params["critic"], opt_state["critic"], metrics = s.critic_update(
+              params["critic"], opt_state["critic"], (mb,), state.step)
+          per_role.setdefault("critic", []).extend(metrics)
+  for key, roles, mbs in update_plan(c, batches):
     update = s.roles[roles[0]].update
     params[key], opt_state[key], metrics = update(params[key], opt_state[key], mbs, state.step)
     for role, m in zip(roles, metrics):
       per_role.setdefault(role, []).append(m)
-  if s.critic_update is not None:
-    for _, _, mbs in plan:
-      params["critic"], opt_state["critic"], metrics = s.critic_update(
-          params["critic"], opt_state["critic"], mbs, state.step)
-      per_role.setdefault("critic", []).extend(metrics)
   summed = c.shared_weights and c.shared_weights_update == "summed"
   out = {}
   for role, steps in per_role.items():

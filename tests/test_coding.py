@@ -151,3 +151,86 @@ def test_pass_matrix_in_the_sandbox_from_completions():
   expected[1, 1] = [0, 0, 1, 0, 0]  # sum agrees with max only on "7"
   np.testing.assert_array_equal(passes, expected)
   np.testing.assert_array_equal(mask, [[True] * 5, [True] * 5, [False] * 5])
+
+
+# ------------------------------------------------------------------- the reference's reward
+
+
+def test_reference_program_takes_the_last_python_block_even_unclosed():
+  assert coding.reference_program(f"```python\n{SUM}```\n```python\n{MAX}") == f"\n{MAX}"
+  assert coding.reference_program(f"text ```python\n{MAX}``` more") == f"\n{MAX}"
+  assert coding.reference_program(f"```py\n{MAX}```") == MAX  # a plain fence: language dropped
+  assert coding.reference_program(SUM) is None  # no fence: the reference scores 0
+  assert coding.reference_program("```python\n  \n```") is None
+  # Ours refuses the unclosed (cut-off) block that the reference runs.
+  assert coding.extract_answer(f"```python\n{MAX}") is None
+
+
+def test_output_matches_newlines_strips_only_trailing_newlines():
+  assert coding.output_matches("1 2\n\n", "1 2", "newlines")
+  assert not coding.output_matches("1  2\n", "1 2", "newlines")  # inner spaces count
+  assert not coding.output_matches("1 2 \n", "1 2", "newlines")  # so does a trailing space
+  assert coding.output_matches("1  2 \n", "1 2", "tokens")
+
+
+def test_malformed_test_count_rule_of_the_reference():
+  seven = SUM_PROPOSAL + "7 ||| 7\n8 ||| 8\n"
+  assert not coding.parse_proposal(seven).valid  # ours: exactly 5 tests
+  assert len(coding.parse_proposal(seven, max_tests=10).tests) == 7
+  assert len(coding.parse_proposal(seven, max_tests=6).tests) == 6  # the first max_tests
+  one = "Problem: Print the number.\nTest Cases:\n4 ||| 4\n"
+  assert coding.parse_proposal(one, max_tests=10).tests == (("4\n", "4"),)
+  assert not coding.parse_proposal("Problem: no tests", max_tests=10).valid
+
+
+class StdoutPool:
+  """Runs nothing: every job exits cleanly printing the value of its program's expression."""
+
+  def __init__(self):
+    self.jobs = []
+
+  def run(self, jobs):
+    self.jobs += jobs
+    return [sandbox.RunResult("passed" if expected is None else "failed", 0,
+                              program.format(*stdin.split()), "", 0.0)
+            for program, stdin, expected in jobs]
+
+
+def test_pass_matrix_newlines_compares_stdout_itself():
+  proposal = Proposal("echo", (("1\n", "1"), ("2\n", "2"), ("3\n", "3")))
+  programs = [["{0}\n\n", "{0} \n", "x{0}"]]
+  pool = StdoutPool()
+  passes, _ = coding.pass_matrix([proposal], programs, pool, output_match="newlines")
+  np.testing.assert_array_equal(passes[0], [[1, 1, 1], [0, 0, 0], [0, 0, 0]])
+  assert all(expected is None for _, _, expected in pool.jobs)
+
+
+REFERENCE_PROPOSAL = """Problem Description:
+Given a list of integers, print the sum of the even ones.
+
+Test Cases:
+1 2 3 4 ||| 6
+7 ||| 0
+  -2 -2   |||   -4
+This line has no separator.
+a b ||| 0
+"""
+
+
+def test_reference_format_parses_like_the_reference():
+  task = coding.make_task(max_tests=10, code_extraction="reference", proposal_format="reference")
+  proposal = task.parse_proposal(REFERENCE_PROPOSAL)
+  assert proposal.question == ("Problem Description:\nGiven a list of integers, print the sum of "
+                               "the even ones.")
+  # Every ||| line is a test, stripped, even after prose and with a non-integer input.
+  assert proposal.tests == (("1 2 3 4\n", "6"), ("7\n", "0"), ("-2 -2\n", "-4"), ("a b\n", "0"))
+  assert len(coding.make_task(max_tests=2, proposal_format="reference").parse_proposal(
+      REFERENCE_PROPOSAL).tests) == 2
+  # No header or no test line: malformed (the reference's dummy tests score 0).
+  assert not task.parse_proposal("Problem Description:\nSum them.").valid
+  assert not task.parse_proposal("Sum them.\nTest Cases:\nnone").valid
+  system, user = task.solver_messages(proposal)
+  assert system["role"] == "system" and "[ASSESS]" in system["content"]
+  assert user["content"].startswith(proposal.question) and user["content"].endswith("```")
+  assert "Test Cases:" in task.proposer_messages("")[0]["content"]
+  assert task.extract_answer(f"```python\n{MAX}") == f"\n{MAX}"

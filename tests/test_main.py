@@ -27,7 +27,7 @@ def run_main(*args, timeout=600):
 @pytest.mark.parametrize("config,extra", [
     ("configs/arithmetic.py", []),
     ("configs/algebra.py", []),
-    ("configs/arithmetic.py", ["--config.task.name=generic",
+    ("configs/arithmetic.py", ["--config.task.name=generic", "--config.task.proposal_format=tagged",
                                "--config.task.topic=Probability of dice rolls"]),
     ("configs/coding.py", []),  # Programs run in the sandbox; evaluated on HumanEval.
 ])
@@ -116,8 +116,23 @@ def test_the_lr_schedule_ends_with_the_run_unless_told_otherwise():
     (["--config.rewards.solver_reward=coin"],
      "config.rewards.solver_reward='coin' is not one of: majority, random."),
     (["--config.rewards.proposer_min_margin=-1"], "config.rewards.proposer_min_margin=-1"),
-    (["--config.rewards.paraphrase_guard=both"],
+    (["--config.rewards.paraphrase_guard=both", "--config.task.name=generic",
+      "--config.task.proposal_format=tagged"],
      "config.rewards.paraphrase_guard='both' needs a task that can re-ask a question"),
+    (["--config.task.name=generic"],
+     "config.task.proposal_format='reference' is the reference trainer's format for arithmetic, "
+     "algebra, coding; task 'generic' has none"),
+    (["--config.task.name=coding", "--config.task.proposal_format=tagged"],
+     "config.rewards.answer_parser='reference' reads integer answers from <answer> tags"),
+    (["--config.rewards.answer_parser=strict"],
+     "config.rewards.answer_parser='strict' is not one of: lenient, reference."),
+    (["--config.rl.dual_clip=0.5"], "config.rl.dual_clip=0.5 must be 0 (off) or > 1"),
+    (["--config.rl.weight_decay_mask=vectors"],
+     "config.rl.weight_decay_mask='vectors' is not one of: matrices, all."),
+    (["--config.rollout.max_solver_prompt_tokens=-1"],
+     "config.rollout.max_solver_prompt_tokens=-1 must be >= 0"),
+    (["--config.critic.head_init=ones"],
+     "config.critic.head_init='ones' is not one of: zeros, random."),
     (["--config.rewards.paraphrase_guard=on"],
      "config.rewards.paraphrase_guard='on' is not one of: off, proposer, both."),
 ])
@@ -137,12 +152,15 @@ def short_context_dir(tmp_path_factory):
 
 
 @pytest.mark.parametrize("args,expected", [
-    ([], "config.rollout.max_proposal_tokens=1024: a question that long makes the solver's "
-         "prompt 2048 tokens"),
+    (["--config.rollout.max_solver_prompt_tokens=0"],
+     "config.rollout.max_proposal_tokens=1024: a question that long makes the solver's "
+     "prompt 2048 tokens"),
+    # The solver's prompt cut to 512 tokens (the paper configs): the proposer's limit is next.
+    ([], "config.rollout.max_proposal_tokens=1024 plus the proposer's prompt"),
     (["--config.rollout.max_proposal_tokens=200"],
      "config.rollout.max_answer_tokens=1024 plus the solver's prompt"),
     (["--config.rollout.max_proposal_tokens=200", "--config.rollout.max_answer_tokens=200"],
-     "lower config.eval.max_new_tokens to at most 512"),
+     "lower config.eval.max_new_tokens to at most 768"),  # The reference template: 256 tokens.
 ])
 def test_context_length_is_checked_before_loading(short_context_dir, args, expected):
   """A 1,024-token model and the paper's limits: the error names the key to lower."""

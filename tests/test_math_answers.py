@@ -84,3 +84,33 @@ def test_solver_messages_ask_for_tags():
   assert message["role"] == "user"
   assert message["content"].startswith("What is 2 + 2?")
   assert "<answer>" in message["content"] and "<think>" in message["content"]
+
+
+# ------------------------------------------------------------ the reference trainer's answer
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("<think>7*6</think> <answer>42</answer>", "42"),
+    ("<answer> 042 </answer>", "042"),  # kept as written: "042" and "42" vote apart
+    ("<answer>1</answer> then <answer>-7</answer>", "-7"),  # the last one
+    ("<answer>5</answer> and <answer>\n6\n</answer>", "5"),  # a tag over lines never matches
+])
+def test_answer_parser_reference_keeps_the_raw_integer(text, expected):
+  assert math_answers.reference_answer(text) == expected
+
+
+@pytest.mark.parametrize("text", [
+    "<answer>3/2</answer>", "<answer>1.5</answer>", "<answer>x=2, y=3</answer>",
+    "<answer>\\boxed{5}</answer>", "<answer>1,234</answer>", "\\boxed{5}", "<ANSWER>5</ANSWER>",
+    "<answer>5", "<answer>\n5\n</answer>", "",
+])
+def test_answer_parser_reference_counts_integers_only(text):
+  assert math_answers.reference_answer(text) is None
+
+
+def test_answer_parser_reference_votes_on_raw_strings_where_lenient_merges():
+  texts = ["<answer>42</answer>", "<answer>042</answer>", "<answer>42.0</answer>"]
+  assert [canonical_answer(t) for t in texts] == ["42", "42", "42"]
+  assert [math_answers.reference_answer(t) for t in texts] == ["42", "042", None]
+  ids = math_answers.answer_ids([[math_answers.reference_answer(t) for t in texts]])
+  np.testing.assert_array_equal(ids, [[0, 1, -1]])

@@ -382,6 +382,44 @@ def test_weight_decay_skips_vectors():
   np.testing.assert_array_equal(updates["b"], np.zeros(2))
 
 
+def test_weight_decay_mask_all_decays_vectors_too():
+  cfg = _cfg(learning_rate=0.1, weight_decay=0.5, max_grad_norm=0.0, weight_decay_mask="all")
+  params = dict(w=jnp.ones((2, 2)), b=jnp.ones(2))
+  optimizer = rl.make_optimizer(cfg)
+  zero = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = optimizer.update(zero, optimizer.init(params), params)
+  np.testing.assert_allclose(updates["w"], -0.05 * np.ones((2, 2)), rtol=1e-6)
+  np.testing.assert_allclose(updates["b"], -0.05 * np.ones(2), rtol=1e-6)
+  with pytest.raises(ValueError, match="weight_decay_mask='some'"):
+    rl.make_optimizer(_cfg(weight_decay_mask="some"))
+
+
+def _dual_clip_loss(logprob, adv, dual_clip):
+  cfg = _cfg(clip_eps_low=0.2, clip_eps_high=0.2, dual_clip=dual_clip, loss_agg="token_mean")
+  return rl.policy_loss(jnp.array([[logprob]]), jnp.zeros((1, 1)), jnp.array([adv]),
+                        jnp.ones((1, 1)), jnp.ones(1), cfg)
+
+
+def test_dual_clip_caps_negative_advantage_loss_at_c_times_minus_a():
+  # Ratio e^2 = 7.39 with A = -1: PPO's loss is -A * r = 7.39; dual-clip caps it at 3.
+  loss, metrics = _dual_clip_loss(2.0, -1.0, 3.0)
+  np.testing.assert_allclose(loss, 3.0, rtol=1e-6)
+  assert metrics["clip_dual"] == 1
+  grad = jax.grad(lambda lp: _dual_clip_loss(lp, -1.0, 3.0)[0])(2.0)
+  assert grad == 0  # verl's torch.min picks the constant: no gradient through the ratio.
+  off, metrics = _dual_clip_loss(2.0, -1.0, 0.0)
+  np.testing.assert_allclose(off, np.exp(2.0), rtol=1e-6)
+  assert metrics["clip_dual"] == 0
+
+
+def test_dual_clip_leaves_positive_advantages_and_small_ratios_alone():
+  for logprob, adv in ((2.0, 1.0), (0.5, -1.0), (-1.0, -1.0)):
+    np.testing.assert_allclose(_dual_clip_loss(logprob, adv, 3.0)[0],
+                               _dual_clip_loss(logprob, adv, 0.0)[0], rtol=1e-6)
+  with pytest.raises(ValueError, match="dual_clip=0.5 must be 0"):
+    _dual_clip_loss(0.0, -1.0, 0.5)
+
+
 def test_missing_config_field_names_it():
   cfg = ml_collections.ConfigDict(dict(temperature=1.0, loss_agg="token_mean"))
   with pytest.raises(AttributeError, match="no field 'clip_eps_low'.*default_config"):
@@ -493,11 +531,11 @@ def test_value_loss_clips_like_verl():
   one = np.ones((1, 1), np.float32)
   # New value 1, old 0, return 2: clipped value 0.5 is further from the return -> it counts.
   loss, sums = rl._value_sums(jnp.array([[1.0]]), 0 * one, 2 * one, one, np.ones(1), cfg)
-  np.testing.assert_allclose(loss, 0.5 * 1.5 ** 2)
+  np.testing.assert_allclose(loss, 1.5 ** 2)  # No factor 1/2, as verl's compute_value_loss.
   assert sums["value_clip_frac"] == 1
   # Return -1: the unclipped value is the further one; its loss counts (the larger of two).
   loss, sums = rl._value_sums(jnp.array([[1.0]]), 0 * one, -one, one, np.ones(1), cfg)
-  np.testing.assert_allclose(loss, 0.5 * 2.0 ** 2, rtol=1e-5)
+  np.testing.assert_allclose(loss, 2.0 ** 2, rtol=1e-5)
   assert sums["value_clip_frac"] == 0
 
 

@@ -160,6 +160,64 @@ def test_separate_roles_proposer_waits_for_its_cadence(qwen2_dir, permissive):
   assert metrics["solver/learning_rate"] == pytest.approx(expected)
 
 
+def test_malformed_proposals_trained_with_reward_zero_in_their_group():
+  config = base_config()
+  config.rollout.prompts_per_step, config.rollout.proposals_per_prompt = 2, 3
+  valid = np.array([True, False, True, True, True, False])
+  proposer_r = np.ones(4, np.float32)  # [Q]: the valid ones only
+  masked = scoring.proposer_advantages(config, proposer_r, valid)
+  np.testing.assert_array_equal(scoring.proposer_weights(config, valid), valid)
+  np.testing.assert_allclose(masked[[0, 2]], 0.0, atol=1e-5)  # group 1: rewards 1, 1 -> no signal
+  config.rewards.train_malformed_proposals = True
+  trained = scoring.proposer_advantages(config, proposer_r, valid)
+  np.testing.assert_array_equal(scoring.proposer_weights(config, valid), np.ones(6))
+  # Group 1 is now rewards (1, 0, 1): the malformed one is below its group's mean.
+  assert trained[1] < 0 < trained[0] and trained[0] == pytest.approx(trained[2])
+  assert trained[5] < 0 and trained[3] > 0
+
+
+def test_malformed_proposals_trained_in_a_step(qwen2_dir, permissive):
+  config = tiny_config(qwen2_dir, **{"rewards.train_malformed_proposals": True})
+  s, state = selfplay.setup(config)
+  _, metrics, _ = selfplay.train_step(s, state, jax.random.key(1))
+  assert metrics["valid_proposal_rate"] < 1  # some proposals are malformed...
+  assert metrics["proposer/sequences"] == 6  # ...and all 6 are trained on.
+  assert metrics["solver/sequences"] == metrics["num_questions"] * 4
+
+
+def test_critic_fits_proposer_then_solver_before_the_policy():
+  import types
+  calls = []
+
+  def critic_update(params, opt_state, mbs, step):
+    calls.append(("critic",) + tuple(mbs))
+    return params, opt_state, [{"value_loss": 0.0}]
+
+  def policy_update(params, opt_state, mbs, step):
+    calls.append(("policy",) + tuple(mbs))
+    return params, opt_state, [{"loss": 0.0, "grad_norm": 0.0} for _ in mbs]
+
+  config = base_config()
+  config.shared_weights, config.shared_weights_update = True, "sequential"
+  role = types.SimpleNamespace(update=policy_update)
+  s = types.SimpleNamespace(config=config, critic_update=critic_update,
+                            roles={"solver": role, "proposer": role})
+  state = roles.RunState(step=0, params={"policy": 0, "critic": 0},
+                         opt_state={"policy": 0, "critic": 0}, recent_questions=None)
+  # A step without a proposer update: the critic still fits the proposer's batch, first.
+  _, metrics = selfplay.apply_role_updates(s, state, {"solver": ["s1", "s2"]},
+                                           {"solver": ["s1", "s2"], "proposer": ["p1"]})
+  assert calls == [("critic", "p1"), ("critic", "s1"), ("critic", "s2"),
+                   ("policy", "s1"), ("policy", "s2")]
+  assert metrics["critic"]["optimizer_steps"] == 3 and "proposer" not in metrics
+
+
+def test_solver_prompts_cut_to_their_last_tokens():
+  """rollout.max_solver_prompt_tokens: the reference's max_prompt_length with truncation left."""
+  assert selfplay.cut_prompts([[1, 2, 3, 4], [5]], 2) == [[3, 4], [5]]
+  assert selfplay.cut_prompts([[1, 2, 3]], 0) == [[1, 2, 3]]
+
+
 def test_vote_signals_on_a_hand_worked_batch():
   ids = np.array([[0, 0, 1, -1], [0, 1, 2, 3], [-1, -1, -1, -1], [0, 0, 0, 0]], np.int32)
   majority, k, solver_r, proposer_r, adv = scoring.vote_signals(

@@ -245,4 +245,70 @@ def test_tiny_addition_paraphrase_swaps_the_operands_and_keeps_the_answer():
     a, b = tiny_addition.operands(question.question)
     assert swapped.valid and tiny_addition.operands(swapped.question) == (b, a)
     assert task.true_answer(swapped) == task.true_answer(question)
-  assert get_task("algebra").paraphrase is None and get_task("arithmetic").paraphrase is None
+  assert get_task("generic").paraphrase is None
+
+
+# --------------------------------------------------- the paraphrase guard on the paper's topics
+
+
+@pytest.mark.parametrize("name, task", [("multiplication3", arithmetic),
+                                        ("linear_equations", algebra)])
+def test_paraphrase_keeps_the_true_answer_on_the_heldout_questions(name, task):
+  from sqlm_jax import datasets
+  examples = datasets.load_heldout(name)
+  changed = 0
+  for example in examples:
+    proposal = Proposal(example["question"])
+    reasked = task.paraphrase(proposal)
+    assert task.true_answer(reasked) == task.true_answer(proposal) is not None, example
+    changed += reasked.question != proposal.question
+  # Only "What is 166 * 166?" reads the same with its operands swapped.
+  assert changed >= len(examples) - 1, (changed, len(examples))
+
+
+@pytest.mark.parametrize("question, reasked", [
+    ("What is 487 * 319?", "What is 319 * 487?"),
+    ("What is 500 - 123?", "What is -(123 - 500)?"),
+    ("Compute 84 / 7.", "What is -84 / -7?"),
+    ("What is 10 - 3 + 2?", "What is 2 + (10 - 3)?"),  # precedence kept: the top "+" swapped
+    ("Calculate 2 ** 10", "Calculate 2 ** 10"),  # no commutative top operation: asked again
+    ("A shop sells 12 pens a day. How many in 31 days?",
+     "A shop sells 12 pens a day. How many in 31 days?"),  # a word problem: asked again
+])
+def test_arithmetic_paraphrase_forms(question, reasked):
+  assert arithmetic.paraphrase(Proposal(question)).question == reasked
+  assert arithmetic.true_answer(Proposal(reasked)) == arithmetic.true_answer(Proposal(question))
+
+
+def test_algebra_paraphrase_swaps_every_written_equation():
+  question = "Solve the system of equations for x and y: 3x + 2y = 12 and x - y = -1."
+  reasked = algebra.paraphrase(Proposal(question)).question
+  assert reasked == "Solve the system of equations for x and y: 12 = 3x + 2y and -1 = x - y."
+  assert algebra.true_answer(Proposal(reasked)) == "x=2,y=3"
+  word = "Ann is twice as old as Bo. Together they are 36. How old is Bo?"
+  assert algebra.paraphrase(Proposal(word)).question == word
+
+
+# ------------------------------------------------------------ the reference's proposal format
+
+
+def test_reference_format_malformed_never_happens_in_arithmetic():
+  task = get_task("arithmetic", "reference")
+  assert task.parse_proposal("  What is 12 * 34?\n").question == "What is 12 * 34?"
+  assert task.parse_proposal("Sure! Here is one: 12 * 34").question == "Sure! Here is one: 12 * 34"
+  content = task.solver_messages(Proposal("What is 12 * 34?"))[0]["content"]
+  assert content.startswith("Reason step by step") and content.endswith("What is 12 * 34?")
+  assert "<think>" in content and "<answer>" in content
+
+
+def test_reference_format_algebra_takes_the_text_after_the_last_marker():
+  task = get_task("algebra", "reference")
+  text = "1. A\n2. B\n3. C\nSelected Question: Solve 2x + 1 = 7."
+  assert task.parse_proposal(text).question == "Solve 2x + 1 = 7."
+  assert task.parse_proposal("Selected Question: A. Selected Question: B").question == "B"
+  # No marker (the reference's malformed case, trained on): the whole reply is the question.
+  assert task.parse_proposal("Solve 3y = 9.").question == "Solve 3y = 9."
+  assert task.parse_proposal("selected question: lower case").question == \
+      "selected question: lower case"  # case-sensitive, as the reference's split
+  with pytest.raises(ValueError, match="task 'generic' has no reference proposal format"):
+    get_task("generic", "reference")

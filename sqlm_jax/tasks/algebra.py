@@ -11,6 +11,7 @@ builtins, and solved only if every equation is linear and the solution is unique
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from fractions import Fraction
 from typing import Optional
@@ -227,6 +228,27 @@ def difficulty(proposal: Proposal) -> Optional[float]:
   return float(len({char for equation in equations for char in equation if char.isalpha()}))
 
 
+# One side of an equation as written: numbers, standalone letters, operators, spaces.
+_SIDE = r"(?:\d+(?:\.\d+)?|(?<![A-Za-z])[A-Za-z](?![A-Za-z])|[-+*/^()]|[ \t])+"
+_WRITTEN_EQUATION = re.compile(rf"({_SIDE})=({_SIDE})")
+
+
+def _swap_sides(match: re.Match) -> str:
+  lhs, rhs = match.group(1), match.group(2)
+  lead = lhs[:len(lhs) - len(lhs.lstrip())]
+  trail = rhs[len(rhs.rstrip()):]
+  return f"{lead}{rhs.strip()} = {lhs.strip()}{trail}"
+
+
+def paraphrase(proposal: Proposal) -> Proposal:
+  """The question re-asked with every written equation's sides swapped ("3x + 5 = 2x - 7" ->
+  "2x - 7 = 3x + 5"): the same unknowns and solution (the paraphrase guard). A question with
+  no written equation (a word problem) is asked again unchanged."""
+  if proposal.question is None:
+    return proposal
+  return Proposal(question=_WRITTEN_EQUATION.sub(_swap_sides, proposal.question))
+
+
 TASK = Task(
     name="algebra",
     reward_kind="vote",
@@ -238,4 +260,32 @@ TASK = Task(
     true_answer=true_answer,
     difficulty=difficulty,
     default_topic=DEFAULT_TOPIC,
+    paraphrase=paraphrase,
 )
+
+
+# The reference's format (task.proposal_format="reference"), in our words: three problems, the
+# last one repeated after a "Selected Question:" marker.
+REFERENCE_PROPOSER_PROMPT = """Topic: {topic}. Write three different, challenging word \
+problems solved by linear equations in at most two unknowns, with integer coefficients only, \
+each with exactly one solution whose values are integers or fractions. Do not solve them. \
+Then choose the last one and write it after the marker, as: Selected Question: <the problem>"""
+REFERENCE_MARKER = "Selected Question"
+
+
+def reference_proposer_messages(topic: str) -> list[dict]:
+  return [{"role": "user",
+           "content": REFERENCE_PROPOSER_PROMPT.format(topic=topic or DEFAULT_TOPIC)}]
+
+
+def reference_parse_proposal(text: str) -> Proposal:
+  """The text after the last "Selected Question" (case-sensitive, its colon dropped), else the
+  whole reply: the reference's algebra parser, which never drops a proposal."""
+  question = text.split(REFERENCE_MARKER)[-1] if REFERENCE_MARKER in text else text
+  return Proposal(question=question.strip().removeprefix(":").strip())
+
+
+REFERENCE_TASK = dataclasses.replace(
+    TASK, proposer_messages=reference_proposer_messages,
+    parse_proposal=reference_parse_proposal,
+    solver_messages=lambda proposal: math_answers.reference_solver_messages(proposal.question))

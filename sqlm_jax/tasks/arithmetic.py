@@ -9,6 +9,7 @@ nothing is ever passed to eval().
 from __future__ import annotations
 
 import ast
+import dataclasses
 import random
 import re
 from fractions import Fraction
@@ -176,6 +177,39 @@ def generate_question(rng: random.Random) -> Proposal:
   return parse_proposal(f"<question>What is {a} {operator} {b}?</question>")
 
 
+def _reasked(node: ast.expr) -> Optional[ast.expr]:
+  """The top operation re-asked with the same value: a + b -> b + a, a * b -> b * a,
+  a - b -> -(b - a), a / b -> (-a) / (-b); None for anything else."""
+  if not isinstance(node, ast.BinOp):
+    return None
+  a, b = node.left, node.right
+  if isinstance(node.op, (ast.Add, ast.Mult)):
+    return ast.BinOp(b, node.op, a)
+  if isinstance(node.op, ast.Sub):
+    return ast.UnaryOp(ast.USub(), ast.BinOp(b, ast.Sub(), a))
+  if isinstance(node.op, ast.Div):
+    return ast.BinOp(ast.UnaryOp(ast.USub(), a), ast.Div(), ast.UnaryOp(ast.USub(), b))
+  return None
+
+
+def paraphrase(proposal: Proposal) -> Proposal:
+  """The question re-asked in another form with the same answer (the paraphrase guard): a bare
+  expression's top operation rewritten by `_reasked` ("What is 487 * 319?" -> "What is 319 *
+  487?"). A word problem, or an expression whose value the rewrite would not keep, is asked
+  again unchanged: the guard then compares two independent votes on the same question."""
+  expression = expression_of(proposal.question) if proposal.question is not None else None
+  value = safe_eval(expression) if expression is not None else None
+  if value is None:
+    return proposal
+  reasked = _reasked(ast.parse(expression, mode="eval").body)
+  if reasked is None:
+    return proposal
+  text = ast.unparse(ast.fix_missing_locations(reasked))
+  if safe_eval(text) != value:
+    return proposal
+  return Proposal(question=f"What is {text}?")
+
+
 TASK = Task(
     name="arithmetic",
     reward_kind="vote",
@@ -188,4 +222,27 @@ TASK = Task(
     difficulty=difficulty,
     default_topic=DEFAULT_TOPIC,
     generate_question=generate_question,
+    paraphrase=paraphrase,
 )
+
+
+# The reference's format (task.proposal_format="reference"), in our words: the proposer is asked
+# for a problem without tags, its whole reply is the question, and nothing is malformed.
+REFERENCE_PROPOSER_PROMPT = """Write one arithmetic problem on this topic: {topic}. Use numbers \
+of up to three digits that look unpredictable and unlike each other. Do not solve it."""
+
+
+def reference_proposer_messages(topic: str) -> list[dict]:
+  return [{"role": "user",
+           "content": REFERENCE_PROPOSER_PROMPT.format(topic=topic or DEFAULT_TOPIC)}]
+
+
+def reference_parse_proposal(text: str) -> Proposal:
+  """The whole reply, stripped, is the question (the reference's arithmetic parser)."""
+  return Proposal(question=text.strip())
+
+
+REFERENCE_TASK = dataclasses.replace(
+    TASK, proposer_messages=reference_proposer_messages,
+    parse_proposal=reference_parse_proposal,
+    solver_messages=lambda proposal: math_answers.reference_solver_messages(proposal.question))

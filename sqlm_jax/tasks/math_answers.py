@@ -22,6 +22,14 @@ SOLVER_FORMAT = (
     "If there are several unknowns, write each one, for example <answer>x=2, y=-1/3</answer>."
 )
 
+# The reference's solver format (task.proposal_format="reference"), in our words: the
+# instruction comes first and the question after it, as the reference trainer builds it.
+REFERENCE_SOLVER_FORMAT = (
+    "Reason step by step, with the reasoning inside <think> </think> and the final answer "
+    "inside <answer> </answer>, that is: <think> your reasoning </think> <answer> the number "
+    "</answer>."
+)
+
 # Longer numbers are not answers to anything a topic asks; the bound keeps int() cheap.
 MAX_NUMBER_CHARS = 60
 MAX_EXPONENT = 40
@@ -30,6 +38,12 @@ MAX_EXPONENT = 40
 def solver_messages(question: str) -> list[dict]:
   """Chat messages asking the solver to answer `question` in the think/answer format."""
   return [{"role": "user", "content": f"{question}\n\n{SOLVER_FORMAT}"}]
+
+
+def reference_solver_messages(question: str) -> list[dict]:
+  """The solver's prompt in the reference's format: the think/answer instruction, then the
+  question."""
+  return [{"role": "user", "content": f"{REFERENCE_SOLVER_FORMAT} {question}"}]
 
 
 def last_tagged(text: str, tag: str) -> Optional[str]:
@@ -224,6 +238,29 @@ def normalize_answer(s: Optional[str]) -> Optional[str]:
   if len(pieces) > 1:  # several statements that are not a clean set of assignments
     return "".join(s.split()).lower()
   return _normalize_value(s) or None
+
+
+# The reference trainer's answer (verl's reward_score/multiply.py, extract_solution): the last
+# <answer>...</answer> on one line (no DOTALL), case-sensitive.
+_REFERENCE_ANSWER = re.compile(r"<answer>(.*?)</answer>")
+
+
+def reference_answer(text: str) -> Optional[str]:
+  """The reference's vote key: the stripped text of the last single-line <answer>...</answer>,
+  kept as written, and only if Python's int() parses it; else None.
+
+  So "042" and "42" are different answers, and "3/2", "1.5", "x=2, y=3", "\\boxed{5}" and
+  "1,234" are all None (rewards.answer_parser="reference").
+  """
+  matches = _REFERENCE_ANSWER.findall(text)
+  if not matches:
+    return None
+  answer = matches[-1].strip()
+  try:
+    int(answer)
+  except ValueError:
+    return None
+  return answer
 
 
 def canonical_answer(text: str) -> Optional[str]:
