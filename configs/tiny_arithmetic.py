@@ -1,0 +1,23 @@
+"""The second CPU topic: self-play on addition, subtraction and multiplication by one digit.
+
+  python -m sqlm_jax.main --config configs/tiny_arithmetic.py
+
+The model (sqlm_jax/assets/tiny_arithmetic, remade by the command in its pretrain_summary.json)
+knows the three operations on numbers of up to 3 digits and has rarely seen 4-digit ones; the
+held-out set arithmetic4 is 4-digit problems it has never seen. Everything else is the tiny
+addition default (configs/tiny.py), which this topic's settings were checked against on the
+validation split.
+"""
+
+import os
+
+import sqlm_jax
+from sqlm_jax.config_base import load_config
+
+
+def get_config():
+  c = load_config("tiny")
+  c.model.path = os.path.join(os.path.dirname(sqlm_jax.__file__), "assets", "tiny_arithmetic")
+  c.task.name = "tiny_arithmetic"
+  c.eval.heldout = "arithmetic4"
+  return c
