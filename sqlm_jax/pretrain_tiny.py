@@ -90,6 +90,9 @@ class CorpusSpec:
   question_digits: tuple[int, ...] = (1, 2, 3, 4)
   # Of answered problems: both numbers of the same size, like the held-out 4 + 4 digits.
   same_size_fraction: float = 0.0
+  # tiny_arithmetic: the operations problems draw from, uniformly ("+-**": half of them
+  # products); "" = the topic's own, each equally often.
+  operations: str = ""
 
   @staticmethod
   def max_length(topic=tiny_addition) -> int:
@@ -97,7 +100,8 @@ class CorpusSpec:
     return topic.MAX_QUESTION_TOKENS + topic.MAX_ANSWER_TOKENS
 
 
-def _question(rng: random.Random, topic, digits: int, same_size: bool = False) -> str:
+def _question(rng: random.Random, topic, digits: int, same_size: bool = False,
+              operations: str = "") -> str:
   """A question whose larger number has exactly `digits` digits and the other 1 to `digits`
   (exactly `digits` when `same_size`).
 
@@ -105,6 +109,8 @@ def _question(rng: random.Random, topic, digits: int, same_size: bool = False) -
   digits that are plain copies of one operand's, which it can learn before it can add.
   """
   other = digits if same_size else rng.randint(1, digits)
+  if operations:
+    return topic.sample_question(rng, digits, other, rng.choice(operations))
   return topic.sample_question(rng, digits, other)
 
 
@@ -119,13 +125,14 @@ def make_document(rng: random.Random, spec: CorpusSpec, excluded: frozenset,
   draw = rng.random()
   if draw < spec.question_fraction:
     question_rng = question_rng or rng
-    question = _question(question_rng, topic, question_rng.choice(spec.question_digits))
+    question = _question(question_rng, topic, question_rng.choice(spec.question_digits),
+                         operations=spec.operations)
     return topic.PROPOSER_MARKER + question
   four = draw < spec.question_fraction + spec.four_digit_fraction
   digits = 4 if four else rng.choice(spec.answered_digits)
   same_size = rng.random() < spec.same_size_fraction
   while True:
-    question = _question(rng, topic, digits, same_size)
+    question = _question(rng, topic, digits, same_size, spec.operations)
     if question not in excluded:
       answer = int(topic.TASK.true_answer(topic.TASK.parse_proposal(question)))
       return question + topic.ANSWER_MARKER + topic.format_answer(answer)
@@ -282,6 +289,10 @@ def pretrain(out: str, steps: int = 900, batch_size: int = 128, lr: float = 3e-3
       raise ValueError("--stop_at_dev needs --eval_every N (N >= 1): the band is checked at "
                        "each evaluation.")
   topic = topic_module(task)
+  allowed = getattr(topic, "OPERATIONS", "")
+  if spec.operations and (not allowed or set(spec.operations) - set(allowed)):
+    raise ValueError(f"--operations {spec.operations!r}: task {task} has "
+                     + (f"the operations {allowed!r}." if allowed else "no choice of operation."))
   start = time.time()
   tokenizer = CharTokenizer(topic.CHARS)
   config = model_config(layers, hidden, heads, tokenizer.vocab_size)
@@ -380,6 +391,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   parser.add_argument("--question_digits", type=_digits, default=CorpusSpec.question_digits)
   parser.add_argument("--same_size_fraction", type=float,
                       default=CorpusSpec.same_size_fraction)
+  parser.add_argument("--operations", default=CorpusSpec.operations,
+                      help="tiny_arithmetic: operations drawn uniformly, e.g. '+-**' (half "
+                      "products); default: each of the topic's equally often")
   parser.add_argument("--eval_every", type=int, default=0, help="dev greedy accuracy every N steps")
   parser.add_argument("--stop_at_dev", type=_band, default=None, metavar="LO,HI",
                       help="stop when dev greedy accuracy first lies in [LO, HI] (needs "
@@ -392,7 +406,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   argv = list(sys.argv[1:] if argv is None else argv)
   args = parser.parse_args(argv)
   spec = CorpusSpec(args.answered_digits, args.four_digit_fraction, args.question_fraction,
-                    args.question_digits, args.same_size_fraction)
+                    args.question_digits, args.same_size_fraction, args.operations)
   heldout_dir = args.heldout_data_dir
   if heldout_dir == "":
     heldout_dir = datasets.default_data_dir()

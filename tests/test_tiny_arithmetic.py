@@ -1,6 +1,8 @@
 """The tiny arithmetic topic: formats, truth, generated questions, paraphrases, its held-out set."""
 
 import collections
+import json
+import os
 import random
 import re
 
@@ -113,3 +115,24 @@ def test_heldout_splits_names_the_tiny_sets():
   with pytest.raises(ValueError, match="'multiplication3' is not a tiny topic's; those are "
                      "addition4, arithmetic4"):
     datasets.heldout_splits("multiplication3")
+
+
+def test_bundled_base_and_config():
+  from sqlm_jax.config_base import load_config
+  from sqlm_jax.models import load_pretrained
+  from sqlm_jax.tokenizer import load_tokenizer
+  tiny, config = load_config("tiny"), load_config("tiny_arithmetic")
+  assert os.path.basename(config.model.path) == "tiny_arithmetic"
+  assert (config.task.name, config.eval.heldout) == ("tiny_arithmetic", "arithmetic4")
+  model_config, params = load_pretrained(config.model.path)
+  tokenizer = load_tokenizer(config.model.path)
+  assert tokenizer.chars == tiny_arithmetic.CHARS == "0123456789+-*=?"
+  assert model_config.vocab_size == tokenizer.vocab_size == 17
+  assert params["embed_tokens"].shape[0] == 17 and model_config.num_params() < 5_000_000
+  assert config.rollout.max_proposal_tokens == tiny_arithmetic.MAX_QUESTION_TOKENS
+  assert config.rollout.max_answer_tokens == tiny_arithmetic.MAX_ANSWER_TOKENS
+  assert config.eval.max_new_tokens == tiny_arithmetic.MAX_ANSWER_TOKENS
+  with open(os.path.join(config.model.path, "pretrain_summary.json")) as f:
+    summary = json.load(f)
+  assert summary["task"] == "tiny_arithmetic" and "--out" not in summary["argv"]
+  assert 0.0 <= summary["dev_accuracy"] <= 1.0 and summary["version"][0].isdigit()
