@@ -4,9 +4,9 @@
 
 The model (sqlm_jax/assets/tiny_arithmetic, remade by the command in its pretrain_summary.json)
 knows the three operations on numbers of up to 3 digits and has rarely seen 4-digit ones; the
-held-out set arithmetic4 is 4-digit problems it has never seen. Everything else is the tiny
-addition default (configs/tiny.py), which this topic's settings were checked against on the
-validation split.
+held-out set arithmetic4 is 4-digit problems it has never seen. Everything but the paraphrase
+guard is the tiny addition default (configs/tiny.py). The guard was chosen on arithmetic4's
+validation split (seed 0: 0.287 -> 0.353 with it, 0.283 without; README, "A second CPU topic").
 """
 
 import os
@@ -20,4 +20,8 @@ def get_config():
   c.model.path = os.path.join(os.path.dirname(sqlm_jax.__file__), "assets", "tiny_arithmetic")
   c.task.name = "tiny_arithmetic"
   c.eval.heldout = "arithmetic4"
+  # A question whose majority differs from that of its paraphrase pays the proposer nothing and
+  # trains the solver on nothing: without it the proposer is paid for products the solver
+  # cannot compute and the solver learns their wrong majorities.
+  c.rewards.paraphrase_guard = "both"
   return c
