@@ -349,7 +349,8 @@ def pretrain(out: str, steps: int = 900, batch_size: int = 128, lr: float = 3e-3
   save_pretrained(out, config, params)
   tokenizer.save(out)
   summary = {"argv": list(argv), "task": task, "version": package_version(),
-             "dev_accuracy": metrics["dev_greedy"], "steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup,
+             "dev_accuracy": metrics["dev_greedy"], "steps": steps, "batch_size": batch_size,
+             "lr": lr, "warmup": warmup,
              "weight_decay": weight_decay, "seed": seed, "corpus": dataclasses.asdict(spec),
              "stop_at_dev": list(stop_at_dev) if stop_at_dev else None,
              "stopped_at_step": stopped_at, "eval_every": eval_every,

@@ -42,5 +42,6 @@ def _coding_task() -> Task:
     if error.name != "sqlm_jax.tasks.coding":
       raise
     raise ValueError("task 'coding' needs sqlm_jax/tasks/coding.py, which this checkout lacks; "
-                     "use one of arithmetic, algebra, generic, tiny_addition, tiny_arithmetic") from error
+                     "use one of arithmetic, algebra, generic, tiny_addition, "
+                     "tiny_arithmetic") from error
   return coding.TASK
