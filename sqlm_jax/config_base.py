@@ -56,7 +56,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.device_memory_gib = 0.0
 
   c.task = ml_collections.ConfigDict()
-  c.task.name = "arithmetic"  # arithmetic | algebra | generic | coding | tiny_addition
+  # arithmetic | algebra | generic | coding | tiny_addition | tiny_arithmetic
+  c.task.name = "arithmetic"
   c.task.topic = ""  # Topic text for the proposer prompt; "" = the task's default topic.
   # Where each step's questions come from: "proposer" (self-play) or "fixed", the task's own
   # generator (Task.generate_question), seeded from (seed, step): the no-proposer baseline; the
@@ -167,7 +168,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 20  # Evaluate every this many steps (0 = only at the start and end).
   c.eval.heldout = "multiplication3"  # Held-out set with ground truth (sqlm_jax/datasets.py).
-  c.eval.split = "test"  # "validation" (addition4 has one) is for choosing settings.
+  c.eval.split = "test"  # "validation" (addition4, arithmetic4) is for choosing settings.
   c.eval.num_examples = 0  # 0 = the whole set.
   c.eval.num_samples = 4  # For majority-of-N accuracy.
   c.eval.temperature = 1.0  # For the N samples; greedy accuracy uses temperature 0.

@@ -7,6 +7,10 @@
                      compact format ("4321+8765", answer "6912"), for the tiny CPU models.
                      Its "validation" split (300 other problems) is for choosing settings,
                      so that "test" is only ever used to report them.
+  arithmetic4        the tiny_arithmetic topic's hardest problems, a third each: 4-digit plus
+                     4-digit, 4-digit minus 4-digit (never negative) and 4-digit times one
+                     digit (2 to 9), in its compact format ("4321*7000", answer "8638");
+                     a "validation" split of 300 other problems, as addition4's.
 
 All are generated, not downloaded: a fixed seed (HELDOUT_SEED) drives Python's
 `random.Random`, which nothing in training touches (training randomness is a JAX key derived
@@ -28,12 +32,13 @@ from typing import Optional
 import numpy as np
 import tensorflow_datasets as tfds
 
-from sqlm_jax.tasks import math_answers, tiny_addition
+from sqlm_jax.tasks import math_answers, tiny_addition, tiny_arithmetic
 
 # Far from the small integers configs use as seeds; offsets give each set its own stream.
 HELDOUT_SEED = 7_340_117
 ADDITION4_VALIDATION_SEED = HELDOUT_SEED + 1003
 ADDITION4_VALIDATION_SIZE = 300
+ARITHMETIC4_VALIDATION_SEED = HELDOUT_SEED + 1004
 NUM_EXAMPLES = 500  # the size of the reference evaluation sets
 DEFAULT_DATA_DIR = "~/.cache/sqlm_jax/tfds"
 DATA_DIR_ENV = "SQLM_JAX_TFDS_DIR"
@@ -77,6 +82,51 @@ def addition4_splits() -> dict[str, list[dict]]:
   candidates = addition_examples(ADDITION4_VALIDATION_SIZE + len(test), ADDITION4_VALIDATION_SEED)
   validation = [e for e in candidates if e["question"] not in seen][:ADDITION4_VALIDATION_SIZE]
   return {"test": test, "validation": validation}
+
+
+def arithmetic_examples(num_examples: int, seed: int) -> list[dict]:
+  """Distinct tiny_arithmetic questions at full width, the operations in turn (+, -, *).
+
+  Sums and differences have two 4-digit operands, a difference's first the larger; a product
+  is a 4-digit number times a digit from 2 to 9, in either order. The answer is in ordinary
+  decimal, which is what tiny_arithmetic.extract_answer returns.
+  """
+  rng = random.Random(seed)
+  width = tiny_arithmetic.WIDTH
+  low, high = 10 ** (width - 1), 10**width - 1
+  examples: dict[str, dict] = {}  # insertion-ordered, by question
+  while len(examples) < num_examples:
+    operation = tiny_arithmetic.OPERATIONS[len(examples) % 3]
+    a = rng.randint(low, high)
+    b = rng.randint(2, 9) if operation == "*" else rng.randint(low, high)
+    if operation == "-" or (operation == "*" and rng.random() < 0.5):
+      a, b = max(a, b), min(a, b)
+    elif operation == "*":
+      a, b = b, a
+    question = tiny_arithmetic.format_question(a, operation, b)
+    examples.setdefault(question, {"question": question,
+                                   "answer": str(tiny_arithmetic.result(a, operation, b)),
+                                   "operation": operation, "digits": width})
+  return list(examples.values())
+
+
+def arithmetic4_splits() -> dict[str, list[dict]]:
+  """arithmetic4's "test" set and its "validation" set, which shares no problem with it."""
+  test = arithmetic_examples(NUM_EXAMPLES, HELDOUT_SEED + 4)
+  seen = {e["question"] for e in test}
+  candidates = arithmetic_examples(ADDITION4_VALIDATION_SIZE + len(test),
+                                   ARITHMETIC4_VALIDATION_SEED)
+  validation = [e for e in candidates if e["question"] not in seen][:ADDITION4_VALIDATION_SIZE]
+  return {"test": test, "validation": validation}
+
+
+def heldout_splits(name: str) -> dict[str, list[dict]]:
+  """Split name -> examples of a tiny topic's held-out set, generated in memory (no tfds)."""
+  makers = {"addition4": addition4_splits, "arithmetic4": arithmetic4_splits}
+  if name not in makers:
+    raise ValueError(f"held-out set {name!r} is not a tiny topic's; those are "
+                     f"{', '.join(makers)}")
+  return makers[name]()
 
 
 def _linear_side(terms: list[tuple[int, str]], constant: int) -> str:
@@ -236,8 +286,34 @@ class Addition4(_GeneratedBuilder):
     return addition4_splits()
 
 
+class Arithmetic4(_GeneratedBuilder):
+  """The tiny_arithmetic topic's 4-digit problems for the tiny CPU models, in its format."""
+
+  SPLITS = ("test", "validation")
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "500 problems (+, -, * by turns), seed HELDOUT_SEED + 4; a "
+                            "300-problem validation split, disjoint from test."}
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description="Held-out 4-digit addition, subtraction and multiplication by a digit, "
+                    "digits reversed (generated).",
+        features=tfds.features.FeaturesDict({
+            "question": tfds.features.Text(),
+            "answer": tfds.features.Text(),
+            "operation": tfds.features.Text(),
+            "digits": np.int32,
+        }),
+    )
+
+  def splits_examples(self) -> dict[str, list[dict]]:
+    return arithmetic4_splits()
+
+
 HELDOUT_SETS = {"multiplication3": Multiplication3, "linear_equations": LinearEquations,
-                "addition4": Addition4}
+                "addition4": Addition4, "arithmetic4": Arithmetic4}
 
 
 def default_data_dir() -> str:

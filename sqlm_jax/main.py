@@ -158,7 +158,8 @@ def check_task_options(config) -> None:
   task, _ = make_task(config)
   if config.task.question_source == "fixed" and task.generate_question is None:
     raise ConfigError(f"config.task.question_source='fixed' needs a question generator, which "
-                      f"task {task.name!r} does not have; use tiny_addition or arithmetic, or "
+                      f"task {task.name!r} does not have; use tiny_addition, tiny_arithmetic or "
+                      "arithmetic, or "
                       "question_source='proposer'.")
   if task.reward_kind != "vote":
     for key in ("rewards.proposer_min_margin", "rewards.solver_min_margin"):
@@ -174,7 +175,7 @@ def check_task_options(config) -> None:
   if guard != "off" and (task.paraphrase is None or task.reward_kind != "vote"):
     raise ConfigError(f"config.rewards.paraphrase_guard={guard!r} needs a task that can re-ask a "
                       f"question in another form and votes on answers; task {task.name!r} "
-                      "cannot, so set it to 'off' (tiny_addition can).")
+                      "cannot, so set it to 'off' (tiny_addition and tiny_arithmetic can).")
 
 
 def check_context_length(config) -> None:

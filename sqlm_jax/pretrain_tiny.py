@@ -1,21 +1,23 @@
-"""Pretrains the tiny char model that stands in for a base LM on the tiny_addition topic.
+"""Pretrains the tiny char model that stands in for a base LM on a tiny topic.
 
-  python -m sqlm_jax.pretrain_tiny --out runs/tiny_base
+  python -m sqlm_jax.pretrain_tiny --out runs/tiny_base [--task tiny_arithmetic]
 
-The bundled base (sqlm_jax/assets/tiny_addition) keeps the arguments and dev metrics of the run
-that made it in its pretrain_summary.json; the README says how it was made.
+A bundled base (sqlm_jax/assets/<task>) keeps the arguments and dev metrics of the run that
+made it in its pretrain_summary.json: `argv` there, plus `--out DIR`, remakes it.
 
 Self-play needs a base that already knows the format and is mediocre at the target skill,
 the way an instruct model is at 3-digit multiplication. The corpus is generated here from a
 fixed seed and stands in for that prior knowledge:
-  - answered problems whose larger number has 1 to 3 digits ("4300+5000=93000" is 34 + 5),
+  - answered problems whose larger number has 1 to 3 digits ("4300+5000=93000" is 34 + 5;
+    tiny_arithmetic draws the operation uniformly too),
   - a few answered 4-digit problems (`--four_digit_fraction`), so that the base is mediocre
-    at 4 digits (the held-out set addition4) rather than at 0 or 100 %,
+    at 4 digits (the held-out set, the task's HELDOUT) rather than at 0 or 100 %,
   - unanswered questions after the proposer marker ("?4321+8765"), 1 to 4 digits, so that
     the base can propose.
 `--same_size_fraction` and `--question_digits` shape both kinds further. No held-out or dev
-problem is ever in the corpus; the dev set (addition4's "validation" split, disjoint from its
-"test" split) is what corpora and steps are chosen on. The learning rate decays to zero, so
+problem, nor its paraphrase (tiny addition: b + a), is ever in the corpus; the dev set (the
+held-out set's "validation" split, disjoint from its "test" split) is what corpora and steps
+are chosen on. The learning rate decays to zero, so
 the base is settled: at a constant rate, 4-digit accuracy swings by tens of points between
 neighbouring evaluations, and a self-play gain would be hard to tell from that noise.
 
@@ -40,7 +42,6 @@ import dataclasses
 import json
 import os
 import random
-import shlex
 import sys
 import time
 from typing import Optional, Sequence
@@ -53,8 +54,26 @@ import optax
 from sqlm_jax import datasets
 from sqlm_jax.models import ModelConfig, forward, init_params, save_pretrained
 from sqlm_jax.sampling import Sampler
-from sqlm_jax.tasks import tiny_addition
+from sqlm_jax.tasks import tiny_addition, tiny_arithmetic
 from sqlm_jax.tokenizer import CharTokenizer
+
+# Topics a tiny base can be pretrained on: their modules give the format (CHARS, markers,
+# sample_question, format_answer), the Task and the held-out set (HELDOUT).
+TOPICS = {"tiny_addition": tiny_addition, "tiny_arithmetic": tiny_arithmetic}
+
+
+def topic_module(name: str):
+  if name not in TOPICS:
+    raise ValueError(f"--task {name!r} has no tiny base; choose one of {', '.join(TOPICS)}.")
+  return TOPICS[name]
+
+
+def package_version() -> str:
+  from importlib import metadata
+  try:
+    return metadata.version("sqlm_jax")
+  except metadata.PackageNotFoundError:
+    return "unknown (sqlm_jax is not installed)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,55 +90,57 @@ class CorpusSpec:
   question_digits: tuple[int, ...] = (1, 2, 3, 4)
   # Of answered problems: both numbers of the same size, like the held-out 4 + 4 digits.
   same_size_fraction: float = 0.0
+  # tiny_arithmetic: the operations problems draw from, uniformly ("+-**": half of them
+  # products); "" = the topic's own, each equally often.
+  operations: str = ""
 
   @staticmethod
-  def max_length() -> int:
+  def max_length(topic=tiny_addition) -> int:
     """Tokens in the longest document: an answered problem with its eos."""
-    return len(tiny_addition.format_question(0, 0)) + 1 + tiny_addition.MAX_ANSWER_TOKENS
+    return topic.MAX_QUESTION_TOKENS + topic.MAX_ANSWER_TOKENS
 
 
-def _number(rng: random.Random, digits: int) -> int:
-  """A number of exactly `digits` digits (0 counts as one digit)."""
-  return rng.randrange(10 ** (digits - 1) if digits > 1 else 0, 10**digits)
-
-
-def _operands(rng: random.Random, digits: int, same_size: bool = False) -> tuple[int, int]:
-  """Two numbers, the larger of exactly `digits` digits and the other of 1 to `digits` (of
-  exactly `digits` when `same_size`).
+def _question(rng: random.Random, topic, digits: int, same_size: bool = False,
+              operations: str = "") -> str:
+  """A question whose larger number has exactly `digits` digits and the other 1 to `digits`
+  (exactly `digits` when `same_size`).
 
   Mixed sizes (347 + 5) give the proposer's questions variety, and give the model answer
   digits that are plain copies of one operand's, which it can learn before it can add.
   """
   other = digits if same_size else rng.randint(1, digits)
-  pair = (_number(rng, digits), _number(rng, other))
-  return pair if rng.random() < 0.5 else pair[::-1]
+  if operations:
+    return topic.sample_question(rng, digits, other, rng.choice(operations))
+  return topic.sample_question(rng, digits, other)
 
 
 def make_document(rng: random.Random, spec: CorpusSpec, excluded: frozenset,
-                  question_rng: Optional[random.Random] = None) -> str:
+                  question_rng: Optional[random.Random] = None, topic=tiny_addition) -> str:
   """One corpus document (without eos): an answered problem or a proposer-style question.
 
+  excluded: questions the corpus must not answer (held-out ones and their paraphrases).
   question_rng (default: rng) draws the questions, so that changing what questions look like
   leaves the stream of answered problems as it was.
   """
   draw = rng.random()
   if draw < spec.question_fraction:
     question_rng = question_rng or rng
-    question = tiny_addition.format_question(
-        *_operands(question_rng, question_rng.choice(spec.question_digits)))
-    return tiny_addition.PROPOSER_MARKER + question
+    question = _question(question_rng, topic, question_rng.choice(spec.question_digits),
+                         operations=spec.operations)
+    return topic.PROPOSER_MARKER + question
   four = draw < spec.question_fraction + spec.four_digit_fraction
   digits = 4 if four else rng.choice(spec.answered_digits)
   same_size = rng.random() < spec.same_size_fraction
   while True:
-    a, b = _operands(rng, digits, same_size)
-    if (a, b) not in excluded and (b, a) not in excluded:  # b + a is the same held-out sum.
-      return (tiny_addition.format_question(a, b) + tiny_addition.ANSWER_MARKER
-              + tiny_addition.format_answer(a + b))
+    question = _question(rng, topic, digits, same_size, spec.operations)
+    if question not in excluded:
+      answer = int(topic.TASK.true_answer(topic.TASK.parse_proposal(question)))
+      return question + topic.ANSWER_MARKER + topic.format_answer(answer)
 
 
-def encode_documents(tokenizer: CharTokenizer, texts: Sequence[str],
-                     length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def encode_documents(tokenizer: CharTokenizer, texts: Sequence[str], length: int,
+                     answer_marker: str = tiny_addition.ANSWER_MARKER
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Right-padded rows [B, length] with eos appended, their mask, and which targets to score.
 
   An answered problem scores only its answer and eos: its operands are random digits, whose
@@ -133,7 +154,7 @@ def encode_documents(tokenizer: CharTokenizer, texts: Sequence[str],
     if len(ids) > length:
       raise ValueError(f"document {text!r} has {len(ids)} tokens, more than length={length}.")
     tokens[row, :len(ids)] = ids
-    first = text.find(tiny_addition.ANSWER_MARKER) + 1  # 0 for a question: score it all
+    first = text.find(answer_marker) + 1  # 0 for a question: score it all
     scored[row, max(first, 1):len(ids)] = True
   return tokens, tokens != tokenizer.pad_id, scored
 
@@ -190,12 +211,13 @@ def make_optimizer(lr: float, steps: int, warmup: int, weight_decay: float,
 
 
 def _answers(sampler: Sampler, tokenizer: CharTokenizer, params, questions: Sequence[str],
-             key, num_samples: int, temperature: float) -> list[list[Optional[str]]]:
+             key, num_samples: int, temperature: float,
+             topic=tiny_addition) -> list[list[Optional[str]]]:
   """answers[q][n]: extracted answers of N samples per question."""
-  task = tiny_addition.TASK
+  task = topic.TASK
   prompts = [tokenizer.encode(tokenizer.format_chat(
       task.solver_messages(task.parse_proposal(question)))) for question in questions]
-  out = sampler(params, prompts, key, max_new_tokens=tiny_addition.MAX_ANSWER_TOKENS,
+  out = sampler(params, prompts, key, max_new_tokens=topic.MAX_ANSWER_TOKENS,
                 num_samples=num_samples, temperature=temperature)
   texts = [tokenizer.decode(row[:length]) for row, length in zip(out.tokens, out.lengths)]
   return [[task.extract_answer(t) for t in texts[q * num_samples:(q + 1) * num_samples]]
@@ -209,19 +231,19 @@ def _vote(answers: Sequence[Optional[str]]) -> Optional[str]:
 
 
 def accuracy(sampler, tokenizer, params, examples: Sequence[dict], key, num_samples: int = 1,
-             temperature: float = 0.0) -> float:
+             temperature: float = 0.0, topic=tiny_addition) -> float:
   """Fraction of examples whose answer (the majority of N samples when N > 1) is right."""
   answers = _answers(sampler, tokenizer, params, [e["question"] for e in examples], key,
-                     num_samples, temperature)
+                     num_samples, temperature, topic)
   return float(np.mean([_vote(a) == e["answer"] for a, e in zip(answers, examples)]))
 
 
 def proposal_stats(sampler, tokenizer, params, key, num_samples: int = 256,
-                   temperature: float = 1.0) -> dict:
+                   temperature: float = 1.0, topic=tiny_addition) -> dict:
   """Valid rate and difficulty (digits) histogram of questions sampled from the proposer."""
-  task = tiny_addition.TASK
+  task = topic.TASK
   prompt = tokenizer.encode(tokenizer.format_chat(task.proposer_messages(task.default_topic)))
-  out = sampler(params, [prompt], key, max_new_tokens=tiny_addition.MAX_QUESTION_TOKENS,
+  out = sampler(params, [prompt], key, max_new_tokens=topic.MAX_QUESTION_TOKENS,
                 num_samples=num_samples, temperature=temperature)
   proposals = [task.parse_proposal(tokenizer.decode(row[:length]))
                for row, length in zip(out.tokens, out.lengths)]
@@ -234,22 +256,27 @@ def proposal_stats(sampler, tokenizer, params, key, num_samples: int = 256,
 # ---- Pretraining ------------------------------------------------------------------------------
 
 
-def evaluation_sets() -> tuple[list[dict], list[dict], frozenset]:
-  """(addition4 test, addition4 validation = the dev set, operand pairs the corpus must skip)."""
-  splits = datasets.addition4_splits()
+def evaluation_sets(topic=tiny_addition) -> tuple[list[dict], list[dict], frozenset]:
+  """(held-out test, held-out validation = the dev set, questions the corpus must skip: both
+  sets' questions and their paraphrases)."""
+  splits = datasets.heldout_splits(topic.HELDOUT)
   heldout, dev = splits["test"], splits["validation"]
-  return heldout, dev, frozenset(tiny_addition.operands(e["question"]) for e in heldout + dev)
+  questions = [e["question"] for e in heldout + dev]
+  paraphrases = [topic.TASK.paraphrase(topic.TASK.parse_proposal(q)).question for q in questions]
+  return heldout, dev, frozenset(questions + paraphrases)
 
 
 def pretrain(out: str, steps: int = 900, batch_size: int = 128, lr: float = 3e-3,
              warmup: int = 50, weight_decay: float = 0.01, seed: int = 0, layers: int = 4,
              hidden: int = 128, heads: int = 4, spec: CorpusSpec = CorpusSpec(),
              eval_every: int = 0, dev_examples: int = 0, heldout_data_dir: Optional[str] = None,
-             log=print, command: str = "",
-             stop_at_dev: Optional[tuple[float, float]] = None) -> dict:
+             log=print, argv: Sequence[str] = (),
+             stop_at_dev: Optional[tuple[float, float]] = None,
+             task: str = "tiny_addition") -> dict:
   """Trains from scratch, writes the checkpoint folder and returns a summary dict.
 
-  command: how this run was started, kept in pretrain_summary.json to remake the checkpoint.
+  argv: the command-line arguments without --out, kept in pretrain_summary.json: with
+  `--out DIR` added they remake the checkpoint.
   stop_at_dev: (lo, hi): stop at the first evaluation with lo <= dev greedy <= hi.
   """
   if steps < 2:
@@ -261,15 +288,20 @@ def pretrain(out: str, steps: int = 900, batch_size: int = 128, lr: float = 3e-3
     if eval_every < 1:
       raise ValueError("--stop_at_dev needs --eval_every N (N >= 1): the band is checked at "
                        "each evaluation.")
+  topic = topic_module(task)
+  allowed = getattr(topic, "OPERATIONS", "")
+  if spec.operations and (not allowed or set(spec.operations) - set(allowed)):
+    raise ValueError(f"--operations {spec.operations!r}: task {task} has "
+                     + (f"the operations {allowed!r}." if allowed else "no choice of operation."))
   start = time.time()
-  tokenizer = CharTokenizer(tiny_addition.CHARS)
+  tokenizer = CharTokenizer(topic.CHARS)
   config = model_config(layers, hidden, heads, tokenizer.vocab_size)
   params = init_params(config, jax.random.key(seed))
   optimizer = make_optimizer(lr, steps, warmup, weight_decay)
   opt_state = optimizer.init(params)
   train_step = make_train_step(config, optimizer)
 
-  _, dev, excluded = evaluation_sets()
+  _, dev, excluded = evaluation_sets(topic)
   dev = dev[:dev_examples] if dev_examples else dev
   rng, question_rng = random.Random(seed), random.Random(seed + 1)
   sampler = Sampler(config, tokenizer.pad_id, tokenizer.stop_ids)
@@ -277,14 +309,15 @@ def pretrain(out: str, steps: int = 900, batch_size: int = 128, lr: float = 3e-3
 
   history, dev_history, stopped_at = [], [], None
   for step in range(steps):
-    texts = [make_document(rng, spec, excluded, question_rng) for _ in range(batch_size)]
-    tokens, mask, scored = encode_documents(tokenizer, texts, spec.max_length())
+    texts = [make_document(rng, spec, excluded, question_rng, topic) for _ in range(batch_size)]
+    tokens, mask, scored = encode_documents(tokenizer, texts, spec.max_length(topic),
+                                            topic.ANSWER_MARKER)
     params, opt_state, loss = train_step(params, opt_state, tokens, mask, scored)
     if step % 50 == 0 or step == steps - 1:
       history.append((step, float(loss)))
       log(f"step {step:5d}  loss {float(loss):.4f}  {time.time() - start:6.1f}s")
     if eval_every and step % eval_every == eval_every - 1 and step != steps - 1:
-      dev_greedy = accuracy(sampler, tokenizer, params, dev, eval_key)
+      dev_greedy = accuracy(sampler, tokenizer, params, dev, eval_key, topic=topic)
       dev_history.append((step, dev_greedy))
       log(f"step {step:5d}  dev greedy {dev_greedy:.3f}")
       if stop_at_dev is not None and stop_at_dev[0] <= dev_greedy <= stop_at_dev[1]:
@@ -293,7 +326,7 @@ def pretrain(out: str, steps: int = 900, batch_size: int = 128, lr: float = 3e-3
         break
   train_seconds = time.time() - start
 
-  metrics = {"dev_greedy": accuracy(sampler, tokenizer, params, dev, eval_key)}
+  metrics = {"dev_greedy": accuracy(sampler, tokenizer, params, dev, eval_key, topic=topic)}
   if stop_at_dev is not None and stopped_at is None:
     in_band = stop_at_dev[0] <= metrics["dev_greedy"] <= stop_at_dev[1]
     stopped_at = steps - 1 if in_band else None
@@ -302,19 +335,22 @@ def pretrain(out: str, steps: int = 900, batch_size: int = 128, lr: float = 3e-3
            "evaluation: the final weights are saved; try other --steps or corpus settings"))
   for temperature in (0.5, 0.7, 1.0):
     metrics[f"dev_majority8_t{temperature}"] = accuracy(sampler, tokenizer, params, dev,
-                                                        eval_key, 8, temperature)
-  metrics["proposals_t1.0"] = proposal_stats(sampler, tokenizer, params, eval_key)
+                                                        eval_key, 8, temperature, topic)
+  metrics["proposals_t1.0"] = proposal_stats(sampler, tokenizer, params, eval_key, topic=topic)
   if heldout_data_dir is not None:  # Reported once for the finished base; never for tuning.
-    examples = datasets.load_heldout("addition4", heldout_data_dir)
-    metrics["heldout_greedy"] = accuracy(sampler, tokenizer, params, examples, eval_key)
+    examples = datasets.load_heldout(topic.HELDOUT, heldout_data_dir)
+    metrics["heldout_greedy"] = accuracy(sampler, tokenizer, params, examples, eval_key,
+                                         topic=topic)
     for temperature in (0.5, 0.7):
-      metrics[f"heldout_majority8_t{temperature}"] = accuracy(sampler, tokenizer, params,
-                                                              examples, eval_key, 8, temperature)
+      metrics[f"heldout_majority8_t{temperature}"] = accuracy(
+          sampler, tokenizer, params, examples, eval_key, 8, temperature, topic)
   log(json.dumps(metrics))
 
   save_pretrained(out, config, params)
   tokenizer.save(out)
-  summary = {"command": command, "steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup,
+  summary = {"argv": list(argv), "task": task, "version": package_version(),
+             "dev_accuracy": metrics["dev_greedy"], "steps": steps, "batch_size": batch_size,
+             "lr": lr, "warmup": warmup,
              "weight_decay": weight_decay, "seed": seed, "corpus": dataclasses.asdict(spec),
              "stop_at_dev": list(stop_at_dev) if stop_at_dev else None,
              "stopped_at_step": stopped_at, "eval_every": eval_every,
@@ -337,6 +373,8 @@ def _band(text: str) -> tuple[float, float]:
 def main(argv: Optional[Sequence[str]] = None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--out", required=True, help="checkpoint folder to write")
+  parser.add_argument("--task", default="tiny_addition", choices=sorted(TOPICS),
+                      help="the topic whose format and problems the base learns")
   parser.add_argument("--steps", type=int, default=900)
   parser.add_argument("--batch_size", type=int, default=128)
   parser.add_argument("--lr", type=float, default=3e-3)
@@ -354,6 +392,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   parser.add_argument("--question_digits", type=_digits, default=CorpusSpec.question_digits)
   parser.add_argument("--same_size_fraction", type=float,
                       default=CorpusSpec.same_size_fraction)
+  parser.add_argument("--operations", default=CorpusSpec.operations,
+                      help="tiny_arithmetic: operations drawn uniformly, e.g. '+-**' (half "
+                      "products); default: each of the topic's equally often")
   parser.add_argument("--eval_every", type=int, default=0, help="dev greedy accuracy every N steps")
   parser.add_argument("--stop_at_dev", type=_band, default=None, metavar="LO,HI",
                       help="stop when dev greedy accuracy first lies in [LO, HI] (needs "
@@ -361,18 +402,32 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   parser.add_argument("--dev_examples", type=int, default=0,
                       help="evaluate on this many dev problems (0 = all 300)")
   parser.add_argument("--heldout_data_dir", default=None,
-                      help="also report addition4 accuracy (tfds data dir; '' = the default)")
+                      help="also report the held-out test accuracy (tfds data dir; '' = the "
+                      "default)")
+  argv = list(sys.argv[1:] if argv is None else argv)
   args = parser.parse_args(argv)
   spec = CorpusSpec(args.answered_digits, args.four_digit_fraction, args.question_fraction,
-                    args.question_digits, args.same_size_fraction)
+                    args.question_digits, args.same_size_fraction, args.operations)
   heldout_dir = args.heldout_data_dir
   if heldout_dir == "":
     heldout_dir = datasets.default_data_dir()
   return pretrain(args.out, args.steps, args.batch_size, args.lr, args.warmup,
                   args.weight_decay, args.seed, args.layers, args.hidden, args.heads, spec,
                   args.eval_every, args.dev_examples, heldout_dir,
-                  command="python -m sqlm_jax.pretrain_tiny " + shlex.join(
-                      sys.argv[1:] if argv is None else argv), stop_at_dev=args.stop_at_dev)
+                  argv=without_out(argv), stop_at_dev=args.stop_at_dev, task=args.task)
+
+
+def without_out(argv: Sequence[str]) -> list[str]:
+  """argv less its --out DIR (or --out=DIR): what remakes the base in any folder."""
+  kept, skip = [], False
+  for arg in argv:
+    if skip:
+      skip = False
+    elif arg == "--out":
+      skip = True
+    elif not arg.startswith("--out="):
+      kept.append(arg)
+  return kept
 
 
 if __name__ == "__main__":

@@ -9,12 +9,13 @@ from nbclient import NotebookClient
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_quickstart_notebook_runs(tmp_path):
+@pytest.mark.parametrize("config", ["tiny", "tiny_arithmetic"])
+def test_quickstart_notebook_runs(tmp_path, config):
   notebook = nbformat.read(os.path.join(ROOT, "notebooks", "quickstart.ipynb"), as_version=4)
   params = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])]
   assert len(params) == 1
   params[0].source += (
-      f"\nSTEPS = 2\nWORKDIR = {str(tmp_path / 'run')!r}\nINSTALL = False\n"
+      f"\nCONFIG = {config!r}\nSTEPS = 2\nWORKDIR = {str(tmp_path / 'run')!r}\nINSTALL = False\n"
       "OVERRIDES = {'eval.num_examples': 16, 'rollout.prompts_per_step': 4}\n")
   client = NotebookClient(notebook, timeout=600, kernel_name="python3",
                           resources={"metadata": {"path": ROOT}})

@@ -1,15 +1,19 @@
 """Pretraining the tiny base: a short run learns, its folder loads, the corpus stays clean."""
 
+import collections
 import dataclasses
 import json
+import os
 import random
 
 import numpy as np
 import pytest
 
+import sqlm_jax
 from sqlm_jax import datasets, pretrain_tiny
 from sqlm_jax.models import load_pretrained
-from sqlm_jax.tasks import tiny_addition
+from sqlm_jax.tasks import tiny_addition, tiny_arithmetic
+from sqlm_jax.tasks.base import Proposal
 from sqlm_jax.tokenizer import CharTokenizer, load_tokenizer
 
 
@@ -27,35 +31,118 @@ def test_short_run_lowers_the_loss_and_writes_a_loadable_checkpoint(tmp_path):
   assert config.num_layers == 2 and config.hidden_size == 32
   assert params["embed_tokens"].shape == (tokenizer.vocab_size, 32)
   with open(tmp_path / "tiny" / "pretrain_summary.json") as f:
-    assert json.load(f)["steps"] == 60
+    saved = json.load(f)
+  assert saved["steps"] == 60 and saved["task"] == "tiny_addition" and saved["seed"] == 0
+  assert saved["argv"] == ["--steps", "60", "--batch_size", "32", "--lr", "3e-3", "--layers",
+                           "2", "--hidden", "32", "--heads", "2", "--dev_examples", "20"]
+  assert saved["dev_accuracy"] == summary["metrics"]["dev_greedy"]
+  assert saved["version"] == pretrain_tiny.package_version() != ""
   assert 0.0 <= summary["metrics"]["dev_greedy"] <= 1.0
+
+
+def test_arithmetic_run_writes_its_own_vocabulary(tmp_path):
+  out = tmp_path / "arith"
+  summary = pretrain_tiny.main(["--task", "tiny_arithmetic", "--steps", "4", "--batch_size",
+                                "8", "--layers", "1", "--hidden", "16", "--heads", "2",
+                                f"--out={out}", "--dev_examples", "6"])
+  assert summary["argv"] == ["--task", "tiny_arithmetic", "--steps", "4", "--batch_size", "8",
+                             "--layers", "1", "--hidden", "16", "--heads", "2",
+                             "--dev_examples", "6"]
+  tokenizer = load_tokenizer(str(out))
+  assert tokenizer.chars == tiny_arithmetic.CHARS and tokenizer.vocab_size == 17
+  assert load_pretrained(str(out))[0].vocab_size == 17
+
+
+def test_without_out_keeps_everything_else():
+  assert pretrain_tiny.without_out(["--out", "a", "--steps", "3", "--out=b", "--seed", "1"]) == [
+      "--steps", "3", "--seed", "1"]
 
 
 def test_corpus_skips_excluded_problems():
   """One-digit problems, all 100 pairs but 3 + 4 and 4 + 3 excluded: only those may appear."""
   spec = pretrain_tiny.CorpusSpec(answered_digits=(1,), four_digit_fraction=0.0,
                                   question_fraction=0.0)
-  excluded = frozenset((a, b) for a in range(10) for b in range(10)) - {(3, 4), (4, 3)}
+  excluded = frozenset(tiny_addition.format_question(a, b) for a in range(10)
+                       for b in range(10)) - {"3000+4000", "4000+3000"}
   rng = random.Random(0)
   texts = {pretrain_tiny.make_document(rng, spec, excluded) for _ in range(50)}
   assert texts == {"3000+4000=70000", "4000+3000=70000"}
 
 
-def test_corpus_skips_held_out_pairs_in_either_order():
-  """(3, 4) excluded: neither 3 + 4 nor 4 + 3 may appear; the rest of the one-digit pairs may."""
+def test_corpus_skips_held_out_questions_in_either_order():
+  """3 + 4 held out: neither it nor its paraphrase 4 + 3 may appear; the other pairs may."""
   spec = pretrain_tiny.CorpusSpec(answered_digits=(1,), four_digit_fraction=0.0,
                                   question_fraction=0.0)
   rng = random.Random(0)
-  texts = {pretrain_tiny.make_document(rng, spec, frozenset({(3, 4)})) for _ in range(3000)}
+  heldout, _, excluded = pretrain_tiny.evaluation_sets()
+  a, b = tiny_addition.operands(heldout[0]["question"])
+  assert {tiny_addition.format_question(a, b), tiny_addition.format_question(b, a)} <= excluded
+  texts = {pretrain_tiny.make_document(rng, spec, excluded | {"3000+4000", "4000+3000"})
+           for _ in range(3000)}
   assert "3000+4000=70000" not in texts and "4000+3000=70000" not in texts
   assert "5000+4000=90000" in texts and "4000+5000=90000" in texts
 
 
-def test_heldout_and_dev_sets_are_disjoint_and_excluded():
-  heldout, dev, excluded = pretrain_tiny.evaluation_sets()
+@pytest.mark.parametrize("task", ["tiny_addition", "tiny_arithmetic"])
+def test_heldout_and_dev_sets_are_disjoint_and_excluded_with_their_paraphrases(task):
+  topic = pretrain_tiny.topic_module(task)
+  heldout, dev, excluded = pretrain_tiny.evaluation_sets(topic)
   assert len(dev) == 300 and len(heldout) == datasets.NUM_EXAMPLES
   assert not {e["question"] for e in dev} & {e["question"] for e in heldout}
-  assert excluded == {tiny_addition.operands(e["question"]) for e in heldout + dev}
+  questions = {e["question"] for e in heldout + dev}
+  paraphrases = {topic.TASK.paraphrase(Proposal(q)).question for q in questions}
+  assert excluded == questions | paraphrases and len(paraphrases - questions) > 700
+
+
+def test_arithmetic_corpus_answers_every_operation_right_and_skips_held_out_problems():
+  topic = pretrain_tiny.topic_module("tiny_arithmetic")
+  task = topic.TASK
+  _, _, excluded = pretrain_tiny.evaluation_sets(topic)
+  spec = pretrain_tiny.CorpusSpec(question_fraction=0.2, four_digit_fraction=0.3)
+  rng, question_rng = random.Random(0), random.Random(1)
+  texts = [pretrain_tiny.make_document(rng, spec, excluded, question_rng, topic)
+           for _ in range(3000)]
+  kinds = collections.Counter()
+  for text in texts:
+    if text.startswith(topic.PROPOSER_MARKER):
+      assert task.parse_proposal(text[1:]).valid, text
+      continue
+    question, answer = text.split(topic.ANSWER_MARKER)
+    proposal = task.parse_proposal(question)
+    assert task.extract_answer(answer) == task.true_answer(proposal), text
+    assert len(answer) == topic.WIDTH + 1 and question not in excluded
+    kinds[tiny_arithmetic.operation(proposal), task.difficulty(proposal)] += 1
+  assert {(op, d) for op, d in kinds} == {(op, d) for op in "+-*" for d in (1.0, 2.0, 3.0, 4.0)}
+  assert max(len(text) for text in texts) + 1 == spec.max_length(topic) == 16
+  # A held-out problem offered to the corpus is skipped: only the other ones come out.
+  one_digit = pretrain_tiny.CorpusSpec(answered_digits=(1,), four_digit_fraction=0.0,
+                                       question_fraction=0.0)
+  skip = frozenset({"3000+4000", "4000+3000", "3000*4000", "4000*3000", "4000-3000"})
+  seen = {pretrain_tiny.make_document(rng, one_digit, skip, topic=topic).split("=")[0]
+          for _ in range(3000)}
+  assert not seen & skip and {"5000+4000", "4000*5000", "5000-4000"} <= seen
+
+
+def test_operations_weight_the_arithmetic_corpus_and_are_checked(tmp_path):
+  topic = pretrain_tiny.topic_module("tiny_arithmetic")
+  rng = random.Random(0)
+  for operations, share in (("+-**", 0.5), ("*", 1.0), ("+-", 0.0)):
+    spec = pretrain_tiny.CorpusSpec(question_fraction=0.0, operations=operations)
+    texts = [pretrain_tiny.make_document(rng, spec, frozenset(), topic=topic) for _ in range(2000)]
+    products = sum("*" in text for text in texts) / len(texts)
+    assert abs(products - share) < 0.05, (operations, products)
+  with pytest.raises(ValueError, match=r"--operations '\+/': task tiny_arithmetic has the "
+                     r"operations '\+-\*'"):
+    pretrain_tiny.main(["--task", "tiny_arithmetic", "--operations", "+/", "--out",
+                        str(tmp_path), "--steps", "2"])
+  with pytest.raises(ValueError, match="task tiny_addition has no choice of operation"):
+    pretrain_tiny.main(["--operations", "+", "--out", str(tmp_path), "--steps", "2"])
+
+
+def test_unknown_task_is_refused_by_name(tmp_path):
+  with pytest.raises(ValueError, match="--task 'tiny_geometry' has no tiny base; choose one of "
+                     "tiny_addition, tiny_arithmetic"):
+    pretrain_tiny.pretrain(str(tmp_path), steps=2, task="tiny_geometry")
 
 
 def test_documents_are_well_formed_and_scored_where_they_teach():
@@ -128,3 +215,20 @@ def test_stop_at_dev_needs_evaluations(tmp_path):
   with pytest.raises(ValueError, match="0 <= LO <= HI <= 1"):
     pretrain_tiny.main(["--out", str(tmp_path), "--steps", "4", "--eval_every", "2",
                         "--stop_at_dev", "0.5,0.4"])
+
+
+@pytest.mark.slow
+def test_the_bundled_arithmetic_base_is_remade_by_its_recorded_arguments(tmp_path):
+  """pretrain_summary.json's argv, with --out added, gives the same dev accuracy (3 points).
+
+  Minutes long: the whole recorded pretraining run.
+  """
+  path = os.path.join(os.path.dirname(sqlm_jax.__file__), "assets", "tiny_arithmetic")
+  with open(os.path.join(path, "pretrain_summary.json")) as f:
+    recorded = json.load(f)
+  assert "--out" not in recorded["argv"] and recorded["task"] == "tiny_arithmetic"
+  assert recorded["argv"][:2] == ["--task", "tiny_arithmetic"]
+  summary = pretrain_tiny.main([*recorded["argv"], "--out", str(tmp_path / "remade")])
+  assert abs(summary["dev_accuracy"] - recorded["dev_accuracy"]) <= 0.03, (
+      summary["dev_accuracy"], recorded["dev_accuracy"])
+  assert summary["seed"] == recorded["seed"]

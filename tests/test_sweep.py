@@ -227,3 +227,21 @@ def test_tiny_sweep_writes_results_and_a_rerun_skips_finished_runs(tmp_path, cap
   for arm in arms:
     info = json.loads((workdir / arm / "seed0" / "sweep_run.json").read_text())
     assert info["attempts"] == 1 and info["returncode"] == 0
+
+
+def test_the_arithmetic_controls_run_on_their_config(tmp_path, capsys):
+  """The named controls of the README, on configs/tiny_arithmetic.py, each one short run."""
+  workdir = tmp_path / "arith"
+  arms = ["full:", "frozen_proposer:proposer_update_every=1000000",
+          "fixed_questions:task.question_source=fixed",
+          "random_solver_reward:rewards.solver_reward=random",
+          "paraphrase_guard:rewards.paraphrase_guard=both"]
+  argv = ["--config", os.path.join(ROOT, "configs", "tiny_arithmetic.py"), "--workdir",
+          str(workdir), "--no_progress_bar", *(a for arm in arms for a in ("--arm", arm)), *FAST]
+  assert sweep.main(argv) == 0, capsys.readouterr().err
+  with open(workdir / "results.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert [r["arm"] for r in rows] == [arm.split(":")[0] for arm in arms]
+  for arm in arms:
+    summary = json.loads((workdir / arm.split(":")[0] / "seed0" / "summary.json").read_text())
+    assert summary["heldout_set"] == "arithmetic4" and summary["heldout_size"] == 20

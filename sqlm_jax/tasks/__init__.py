@@ -6,7 +6,7 @@ import importlib
 
 from sqlm_jax.tasks.base import Proposal, Task
 
-TASK_NAMES = ("arithmetic", "algebra", "generic", "coding", "tiny_addition")
+TASK_NAMES = ("arithmetic", "algebra", "generic", "coding", "tiny_addition", "tiny_arithmetic")
 PROPOSAL_FORMATS = ("tagged", "reference")
 REFERENCE_FORMAT_TASKS = ("arithmetic", "algebra", "coding")  # With the reference's formats.
 
@@ -41,6 +41,9 @@ def get_task(name: str, proposal_format: str = "tagged") -> Task:
   if name == "tiny_addition":
     from sqlm_jax.tasks import tiny_addition
     return tiny_addition.TASK
+  if name == "tiny_arithmetic":
+    from sqlm_jax.tasks import tiny_arithmetic
+    return tiny_arithmetic.TASK
   raise ValueError(f"unknown task {name!r}; valid names are {', '.join(TASK_NAMES)}")
 
 
@@ -51,7 +54,8 @@ def _coding_task(proposal_format: str) -> Task:
     if error.name != "sqlm_jax.tasks.coding":
       raise
     raise ValueError("task 'coding' needs sqlm_jax/tasks/coding.py, which this checkout lacks; "
-                     "use one of arithmetic, algebra, generic, tiny_addition") from error
+                     "use one of arithmetic, algebra, generic, tiny_addition, "
+                     "tiny_arithmetic") from error
   if proposal_format == "reference":
     return coding.make_task(proposal_format="reference")
   return coding.TASK

@@ -30,6 +30,7 @@ WIDTH = 4
 # Well-formed completions' lengths, eos included: what a config's max_new_tokens needs.
 MAX_QUESTION_TOKENS = 2 * WIDTH + 2
 MAX_ANSWER_TOKENS = WIDTH + 2
+HELDOUT = "addition4"  # the held-out set in this format (sqlm_jax/datasets.py)
 
 DEFAULT_TOPIC = "Multi-digit addition"
 
@@ -97,6 +98,17 @@ def difficulty(proposal: Proposal) -> Optional[float]:
   """Digits of the larger operand (1 to WIDTH): the digits and carries to get right."""
   parsed = operands(proposal.question) if proposal.question is not None else None
   return float(len(str(max(parsed)))) if parsed is not None else None
+
+
+def _number(rng: random.Random, digits: int) -> int:
+  """A number of exactly `digits` digits (0 counts as one digit)."""
+  return rng.randrange(10 ** (digits - 1) if digits > 1 else 0, 10**digits)
+
+
+def sample_question(rng: random.Random, digits: int, other_digits: int) -> str:
+  """A question whose operands have `digits` and `other_digits` digits, in either order."""
+  pair = (_number(rng, digits), _number(rng, other_digits))
+  return format_question(*(pair if rng.random() < 0.5 else pair[::-1]))
 
 
 def generate_question(rng: random.Random) -> Proposal:
