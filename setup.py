@@ -16,6 +16,7 @@ setup(
         "flax>=0.10,<0.13",
         "optax>=0.2.4",
         "orbax-checkpoint>=0.11",
+        "etils[epath]",  # Workdir paths (local or a shared mount) for multi-process runs.
         "ml-collections>=1.0",
         # transformers is used for configs, tokenizers and chat templates (5.x has no Flax models).
         "transformers>=4.50",
