@@ -178,6 +178,11 @@ def train_step(s: Setup, state: RunState, key: jax.Array) -> tuple[RunState, dic
         s, state, "proposer", copies, [encode_chat(tok, task.proposer_messages(s.topic))],
         jax.random.fold_in(key, 0), max_new_tokens=c.rollout.max_proposal_tokens,
         num_samples=c.rollout.prompts_per_step * c.rollout.proposals_per_prompt, **sampling)
+  # The proposer's own copy (separate weights) is freed before the solver's is made, so at
+  # most one role's copy is held at a time, as the memory plan counts.
+  proposer_key = s.roles["proposer"].params_key
+  if proposer_key != s.roles["solver"].params_key and proposer_key in copies:
+    rollout.free(copies.pop(proposer_key))
   times["propose"] = time.perf_counter() - t0
 
   # 2. Parse: proposals -> questions; the invalid are masked out of both losses. Host work
