@@ -25,21 +25,18 @@ import re
 from typing import Optional
 
 from sqlm_jax.tasks.base import Proposal, Task
+# The compact format's markers, widths, prompts and answer reading are tiny addition's.
+from sqlm_jax.tasks.tiny_addition import (  # noqa: F401 (re-exported for configs and tests)
+    ANSWER_MARKER, MAX_ANSWER_TOKENS, MAX_QUESTION_TOKENS, PROPOSER_MARKER, WIDTH, _number,
+    extract_answer, proposer_messages, solver_messages)
 
 CHARS = "0123456789+-*=?"
-PROPOSER_MARKER = "?"
-ANSWER_MARKER = "="
 OPERATIONS = "+-*"
-WIDTH = 4
-# Well-formed completions' lengths, eos included: what a config's max_new_tokens needs.
-MAX_QUESTION_TOKENS = 2 * WIDTH + 2
-MAX_ANSWER_TOKENS = WIDTH + 2
 HELDOUT = "arithmetic4"  # the held-out set in this format (sqlm_jax/datasets.py)
 
 DEFAULT_TOPIC = "Multi-digit addition, subtraction and multiplication by one digit"
 
 _QUESTION = re.compile(rf"(\d{{{WIDTH}}})([-+*])(\d{{{WIDTH}}})")
-_ANSWER = re.compile(rf"\d{{1,{WIDTH + 1}}}")
 
 
 def result(a: int, operation: str, b: int) -> int:
@@ -80,27 +77,10 @@ def parts(question: str) -> Optional[tuple[int, str, int]]:
   return (a, operation, b) if well_formed(a, operation, b) else None
 
 
-def proposer_messages(topic: str) -> list[dict]:
-  del topic  # A tiny model is pretrained on one topic; the marker alone asks for a question.
-  return [{"role": "user", "content": PROPOSER_MARKER}]
-
-
 def parse_proposal(text: str) -> Proposal:
   """The question if the completion is exactly one well-formed question, else question None."""
   question = text.strip()
   return Proposal(question=question if parts(question) is not None else None)
-
-
-def solver_messages(proposal: Proposal) -> list[dict]:
-  return [{"role": "user", "content": proposal.question + ANSWER_MARKER}]
-
-
-def extract_answer(text: str) -> Optional[str]:
-  """The answer's value in ordinary decimal ("21960" -> "6912"); None unless digits only."""
-  text = text.strip()
-  if not _ANSWER.fullmatch(text):
-    return None
-  return str(int(text[::-1]))
 
 
 def _parts(proposal: Proposal) -> Optional[tuple[int, str, int]]:
@@ -123,11 +103,6 @@ def operation(proposal: Proposal) -> Optional[str]:
   """"+", "-" or "*"; None for a malformed proposal."""
   parsed = _parts(proposal)
   return parsed[1] if parsed is not None else None
-
-
-def _number(rng: random.Random, digits: int) -> int:
-  """A number of exactly `digits` digits (0 counts as one digit)."""
-  return rng.randrange(10 ** (digits - 1) if digits > 1 else 0, 10**digits)
 
 
 def sample_question(rng: random.Random, digits: int, other_digits: int,
