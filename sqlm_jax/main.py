@@ -171,11 +171,40 @@ def check_task_options(config) -> None:
     raise ConfigError(f"config.rewards.answer_parser='reference' reads integer answers from "
                       f"<answer> tags, the math topics' format; task {task.name!r} answers "
                       f"otherwise, so use 'lenient' (or one of {', '.join(MATH_TASKS)}).")
+  check_groups(config, task)
   guard = config.rewards.paraphrase_guard
   if guard != "off" and (task.paraphrase is None or task.reward_kind != "vote"):
     raise ConfigError(f"config.rewards.paraphrase_guard={guard!r} needs a task that can re-ask a "
                       f"question in another form and votes on answers; task {task.name!r} "
                       "cannot, so set it to 'off' (tiny_addition and tiny_arithmetic can).")
+
+
+def check_groups(config, task) -> None:
+  """Group sizes under which a role cannot learn: the run would spend minutes and change nothing."""
+  n = config.rollout.answers_per_question
+  if task.reward_kind == "vote" and n < 3:
+    raise ConfigError(
+        f"config.rollout.answers_per_question={n}: task {task.name!r} rewards the solver by a "
+        f"majority vote of its N answers, and with N < 3 no question can be neither trivial nor "
+        f"impossible (1 < k < N for the proposer's reward), while a vote of {n} answers is "
+        "unanimous or tied; use at least 3 (the default is 4, the paper's configs use more).")
+  if config.rl.advantage_estimator not in rl.GROUP_ESTIMATORS:
+    return  # A value model gives a baseline; groups of one still learn.
+  if n < 2:
+    raise ConfigError(
+        f"config.rollout.answers_per_question={n}: rl.advantage_estimator="
+        f"{config.rl.advantage_estimator!r} compares each answer with the other answers to its "
+        "question, so with one answer every advantage is 0 and the solver never learns; use at "
+        "least 2 (or rl.advantage_estimator='gae').")
+  proposer_trains = (config.task.question_source == "proposer"
+                     and config.proposer_update_every <= config.total_steps)
+  if config.rollout.proposals_per_prompt < 2 and proposer_trains:
+    raise ConfigError(
+        f"config.rollout.proposals_per_prompt={config.rollout.proposals_per_prompt}: "
+        f"rl.advantage_estimator={config.rl.advantage_estimator!r} compares each proposal with "
+        "the other proposals for its topic prompt, so with one proposal every proposer advantage "
+        "is 0 and the proposer never learns; use at least 2 (the default is 4), or freeze the "
+        "proposer on purpose with proposer_update_every > total_steps.")
 
 
 def check_context_length(config) -> None:

@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The override paths the README documents; every config must accept them.
 SMALL = ["--config.total_steps=2", "--config.seed=3", "--config.proposer_update_every=2",
          "--config.rl.ppo_mini_batch_size=4", "--config.rollout.prompts_per_step=2",
-         "--config.rollout.proposals_per_prompt=2", "--config.rollout.answers_per_question=2",
+         "--config.rollout.proposals_per_prompt=2", "--config.rollout.answers_per_question=3",
          "--config.rollout.max_proposal_tokens=8", "--config.rollout.max_answer_tokens=6",
          "--config.eval.num_examples=2", "--config.eval.max_new_tokens=4",
          "--config.eval.num_samples=2", "--config.rl.micro_batch_size=4",
@@ -175,3 +175,50 @@ def test_context_length_is_checked_before_loading(short_context_dir, args, expec
   with pytest.raises(main.ConfigError, match="max_position_embeddings=1024") as error:
     main.validate(config)
   assert expected in str(error.value)
+
+
+def test_too_few_answers_for_a_vote_is_refused_on_the_tiny_default():
+  """N = 2 answers can never put a question in the 1 < k < N band: refused before loading."""
+  result = run_main("--config", "configs/tiny.py", "--config.rollout.answers_per_question=2",
+                    timeout=120)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert "config.rollout.answers_per_question=2" in result.stderr
+  assert "at least 3" in result.stderr
+  assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    ({"rollout.answers_per_question": 1}, "config.rollout.answers_per_question=1"),
+    ({"rollout.proposals_per_prompt": 1}, "config.rollout.proposals_per_prompt=1"),
+    ({"rollout.proposals_per_prompt": 1, "task.question_source": "fixed"}, None),
+    ({"rollout.proposals_per_prompt": 1, "proposer_update_every": 10**6}, None),
+    ({"rollout.answers_per_question": 2, "rl.advantage_estimator": "gae",
+      "mesh.role_split": False}, "config.rollout.answers_per_question=2"),
+    ({"rollout.answers_per_question": 3}, None),
+])
+def test_groups_that_cannot_learn_are_refused(overrides, expected):
+  """A group of one has all-zero advantages; a frozen or absent proposer may have one."""
+  from sqlm_jax import main
+  from sqlm_jax.config_base import load_config
+  config = load_config("configs/tiny.py")
+  for key, value in overrides.items():
+    section, _, name = key.rpartition(".")
+    (config[section] if section else config)[name] = value
+  if expected is None:
+    main.validate(config)
+  else:
+    with pytest.raises(main.ConfigError, match=expected):
+      main.validate(config)
+
+
+def test_one_answer_is_refused_for_tests_rewards_with_group_advantages(qwen2_dir):
+  from sqlm_jax import main
+  from sqlm_jax.config_base import load_config
+  config = load_config("configs/coding.py")
+  config.model.path = str(qwen2_dir)
+  config.rollout.answers_per_question = 1
+  config.rl.advantage_estimator = "grpo"
+  with pytest.raises(main.ConfigError, match="answers_per_question=1.*never learns"):
+    main.validate(config)
+  config.rollout.answers_per_question = 2  # Tests, not a vote: two answers can learn.
+  main.validate(config)

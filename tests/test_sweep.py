@@ -14,7 +14,7 @@ TINY = os.path.join(ROOT, "configs", "tiny.py")
 # A few seconds per run: two steps of 8 questions x 2 answers, 20 held-out problems.
 FAST = ["--config.total_steps=2", "--config.eval.every=0", "--config.eval.num_examples=20",
         "--config.eval.num_samples=2", "--config.rollout.prompts_per_step=4",
-        "--config.rollout.proposals_per_prompt=2", "--config.rollout.answers_per_question=2",
+        "--config.rollout.proposals_per_prompt=2", "--config.rollout.answers_per_question=3",
         "--config.log.progress_bar=False", "--config.log.tensorboard=False"]
 
 
