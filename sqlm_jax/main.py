@@ -38,8 +38,11 @@ def validate(config) -> None:
     raise ConfigError("config.model.path is required: pass --config.model.path=DIR, a Hugging "
                       "Face checkpoint folder (config.json, *.safetensors, tokenizer files).")
   if not os.path.isdir(path):
+    hub = (f" It looks like a Hugging Face Hub name: download it first (e.g. `hf download "
+           f"{path} --local-dir DIR`) and pass --config.model.path=DIR."
+           if path.count("/") == 1 and not path.startswith((".", "/")) else "")
     raise ConfigError(f"config.model.path={path!r} does not exist or is not a folder; point it at "
-                      "a local checkpoint folder.")
+                      f"a local checkpoint folder.{hub}")
   if not os.path.isfile(os.path.join(path, "config.json")):
     raise ConfigError(f"config.model.path={path!r} has no config.json; it must be a Hugging Face "
                       "checkpoint folder.")
@@ -341,6 +344,7 @@ def dry_run(config, workdir: str) -> None:
 
 def parse_flags(argv):
   """absl flag parsing, with unknown or mistyped config keys reported in one line, no traceback."""
+  _check_config_file(argv)
   try:
     return flags.FLAGS(argv)
   except (AttributeError, KeyError) as error:  # config_flags: a key that is not in the config.
@@ -350,9 +354,42 @@ def parse_flags(argv):
     hint = message[message.index("Did you mean"):] if "Did you mean" in message else ""
     print(f"Config error: {bad or message} is not a config key. {hint} The keys are listed with "
           "comments in sqlm_jax/config_base.py.", file=sys.stderr)
-  except flags.Error as error:  # A value of the wrong type, or a missing config file.
-    print(f"Config error: {error}", file=sys.stderr)
+  except flags.Error as error:  # A value of the wrong type, or a config file that fails.
+    print(f"Config error: {_short_flag_error(error)}", file=sys.stderr)
   sys.exit(2)
+
+
+def _check_config_file(argv) -> None:
+  """--config naming no file stops here: absl would only say so at the first use, in a traceback."""
+  value = None
+  for i, arg in enumerate(argv[1:], 1):
+    if arg.startswith("--config="):
+      value = arg[len("--config="):]
+    elif arg == "--config" and i + 1 < len(argv):
+      value = argv[i + 1]
+  path = (value or "").split(":")[0]
+  if value is None or os.path.isfile(path):
+    return
+  repo_configs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+  names = sorted(f for f in os.listdir(repo_configs) if f.endswith(".py")) if os.path.isdir(
+      repo_configs) else []
+  print(f"Config error: --config={value}: no such file {path!r}"
+        + (f"; the repository's configs are configs/{{{','.join(names)}}}" if names else "")
+        + ".", file=sys.stderr)
+  sys.exit(2)
+
+
+def _short_flag_error(error) -> str:
+  """A config file that fails to load: its last line and the fix, without absl's traceback."""
+  text = str(error)
+  if "Error whilst parsing config file" not in text:
+    return text
+  flag = text.split(": Error whilst", 1)[0].removeprefix("flag ")
+  last = text.strip().splitlines()[-1]
+  if "get_config() takes 0 positional arguments" in last:
+    return (f"{flag}: this config file has no variants; pass it without "
+            f"':{flag.split(':', 1)[1] if ':' in flag else ''}'.")
+  return f"{flag}: {last}"
 
 
 if __name__ == "__main__":

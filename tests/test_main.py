@@ -222,3 +222,19 @@ def test_one_answer_is_refused_for_tests_rewards_with_group_advantages(qwen2_dir
     main.validate(config)
   config.rollout.answers_per_question = 2  # Tests, not a vote: two answers can learn.
   main.validate(config)
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--config", "configs/tiny.py:small"], "configs/tiny.py:small: this config file has no "
+     "variants; pass it without ':small'"),
+    (["--config=configs/tyni.py"], "no such file 'configs/tyni.py'; the repository's configs "
+     "are configs/{algebra.py"),
+    (["--config", "configs/coding.py:big"], "has no variant 'big'"),
+    (["--config", "configs/arithmetic.py", "--config.model.path=Qwen/Qwen2.5-3B-Instruct"],
+     "hf download Qwen/Qwen2.5-3B-Instruct --local-dir DIR"),
+])
+def test_config_file_mistakes_are_one_line(args, expected):
+  result = run_main(*args, timeout=120)
+  assert result.returncode == 2
+  assert expected in result.stderr, result.stderr[-2000:]
+  assert "Traceback" not in result.stderr
