@@ -39,6 +39,7 @@ setup(
             "torch==2.13.0",
             "pytest>=8",
             "pytest-xdist>=3.5",
+            "ruff>=0.6",  # `ruff check .`, with the rules in ruff.toml (tests/test_style.py).
             "nbclient>=0.10",
             "nbformat>=5.10",
             "ipykernel>=6.29",

@@ -9,7 +9,7 @@ Builds a random Qwen2.5-0.5B-shaped checkpoint (nothing downloaded), then in one
 """
 
 import argparse
-import os
+import functools
 import tempfile
 import time
 
@@ -100,9 +100,9 @@ def main():
     ids[i, width - len(p):] = torch.tensor(p)
     am[i, width - len(p):] = 1
   ids, am = ids.cuda(), am.cuda()
-  gen = lambda: model.generate(input_ids=ids, attention_mask=am, max_new_tokens=args.new_tokens,
-                               min_new_tokens=args.new_tokens, do_sample=False,
-                               pad_token_id=151643)
+  gen = functools.partial(model.generate, input_ids=ids, attention_mask=am,
+                          max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                          do_sample=False, pad_token_id=151643)
   with torch.no_grad():
     gen()
     torch.cuda.synchronize()

@@ -4,7 +4,8 @@
 
 (a) a trivial program run once; (b) a typical solution (sum a line of integers) run against 5
 tests, as the coding topic does; (c) with --humaneval P, HumanEval samples: the canonical
-solutions of the first P problems through sqlm_jax.humaneval.score (no plain baseline). The plain baseline starts the same interpreter with the same
+solutions of the first P problems through sqlm_jax.humaneval.score (no plain baseline).
+The plain baseline starts the same interpreter with the same
 flags and the same number of threads, without bubblewrap, rlimits or the uid drop, so the ratio
 is the sandbox's own cost. As root with a cpuacct (cgroup v1) or cpu (v2) controller, it also
 reports the CPU time each run costs, summed over every process it starts (bubblewrap, the

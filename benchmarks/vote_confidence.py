@@ -8,7 +8,8 @@ questions whose majority is right above those whose majority is wrong (AUC; 0.5 
 information): k, the vote margin (rewards.vote_margin), split-half agreement
 (rewards.split_half_agreement), agreement of the greedy answer with the majority (one extra
 decode per question), and agreement of the majority with the majority of the question re-asked
-with its operands swapped ("b+a" for "a+b": a paraphrase with the same answer; N extra samples). Then P(majority right) among the questions the sqlm band (1 < k < N)
+with its operands swapped ("b+a" for "a+b": a paraphrase with the same answer; N extra
+samples). Then P(majority right) among the questions the sqlm band (1 < k < N)
 pays, for each minimum margin, and the share of those questions each keeps. The truth is read
 only here, to judge the signals.
 """
