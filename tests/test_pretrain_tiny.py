@@ -194,7 +194,7 @@ def _small_run(out, *extra):
 def test_stop_at_dev_keeps_the_first_evaluation_in_the_band_and_runs_are_deterministic(tmp_path):
   # An untrained model answers no dev problem: 0 is in [0, 0.05] at the first evaluation.
   first = _small_run(tmp_path / "a", "--stop_at_dev", "0,0.05")
-  again = _small_run(tmp_path / "b", "--stop_at_dev", "0,0.05")
+  _small_run(tmp_path / "b", "--stop_at_dev", "0,0.05")  # Compared file by file below.
   assert first["stopped_at_step"] == 9 and first["stop_at_dev"] == [0.0, 0.05]
   assert [tuple(point) for point in first["dev_history"]] == [(9, 0.0)]
   assert first["metrics"]["dev_greedy"] == 0.0

@@ -121,7 +121,7 @@ def test_bundled_base_and_config():
   from sqlm_jax.config_base import load_config
   from sqlm_jax.models import load_pretrained
   from sqlm_jax.tokenizer import load_tokenizer
-  tiny, config = load_config("tiny"), load_config("tiny_arithmetic")
+  config = load_config("tiny_arithmetic")
   assert os.path.basename(config.model.path) == "tiny_arithmetic"
   assert (config.task.name, config.eval.heldout) == ("tiny_arithmetic", "arithmetic4")
   model_config, params = load_pretrained(config.model.path)
