@@ -68,7 +68,8 @@ def broken_links(doc, root=ROOT):
       if re.match(r"^[a-z][a-z0-9+.-]*:", target, re.IGNORECASE):  # http:, mailto:, ...
         continue
       file_part, _, anchor = target.partition("#")
-      resolved = os.path.normpath(os.path.join(os.path.dirname(path), file_part)) if file_part else path
+      resolved = (os.path.normpath(os.path.join(os.path.dirname(path), file_part))
+                  if file_part else path)
       if not os.path.exists(resolved):
         problems.append((target, "no such file"))
       elif anchor and resolved.endswith(".md") and anchor not in anchors(resolved):
@@ -108,4 +109,5 @@ def test_readme_is_a_short_front_door():
       "into a docs/ page")
   first_screen = "\n".join(lines[:QUICKSTART_LINES])
   for command in QUICKSTART:
-    assert command in first_screen, f"README.md: {command!r} must be in its first {QUICKSTART_LINES} lines"
+    assert command in first_screen, (
+        f"README.md: {command!r} must be in its first {QUICKSTART_LINES} lines")
