@@ -42,7 +42,7 @@ def get_config(variant: str = ""):
   c.critic.head_init = "random"  # verl's AutoModelForTokenClassification head.
   c.rl.kl_coef = 0.0
   c.proposer_update_every = 5
-  # The reference trainer's update (verl; see the README's fidelity table).
+  # The reference trainer's update (verl; see docs/fidelity.md).
   c.shared_weights_update = "sequential"
   c.rl.weight_decay = 0.01
   c.rl.weight_decay_mask = "all"

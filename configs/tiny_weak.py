@@ -4,8 +4,8 @@
 
 Everything but the base is configs/tiny.py. The base (sqlm_jax/assets/tiny_addition_weak) saw
 fewer answered 4-digit problems in pretraining; on it the majority of the solver's answers is
-right on far fewer of the hard questions, which is where plain self-play stops working (README,
-"Ablations").
+right on far fewer of the hard questions, which is where plain self-play stops working (docs/results.md,
+"A weak base").
 """
 
 import os

@@ -129,13 +129,13 @@ def base_config() -> ml_collections.ConfigDict:
   # handed to random valid answers (rewards.random_solver_reward); the proposer is still paid
   # from the real vote.
   c.rewards.solver_reward = "majority"
-  # The guard against a low-confidence vote (README "Ablations"); margin = the majority's votes
+  # The guard against a low-confidence vote (docs/ablations.md); margin = the majority's votes
   # minus the runner-up's. A question whose margin is below proposer_min_margin pays the
   # proposer 0; one below solver_min_margin rewards no answer (its group trains nothing).
   # 0 = off (today's rewards exactly). No extra samples: array code over the same [Q, N] votes.
   c.rewards.proposer_min_margin = 0
   c.rewards.solver_min_margin = 0
-  # The paraphrase guard (README "Ablations"): the solver also answers each question re-asked
+  # The paraphrase guard (docs/ablations.md): the solver also answers each question re-asked
   # in another form with the same answer (Task.paraphrase; tiny_addition: the operands
   # swapped), N more samples that only vote. Where the two majorities differ, "proposer" pays
   # the proposer 0 and "both" also rewards none of the question's answers. "off" = today's
@@ -206,8 +206,8 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def reference_update(c: ml_collections.ConfigDict) -> None:
-  """The reference trainer's update and data path (verl, exps/smallbs.yaml; the README's
-  fidelity table), shared by the paper's math configs."""
+  """The reference trainer's update and data path (verl, exps/smallbs.yaml; the table in docs/fidelity.md
+  ), shared by the paper's math configs."""
   c.shared_weights_update = "sequential"  # Solver update, then proposer on the updated weights.
   c.rl.weight_decay = 0.01
   c.rl.clip_eps_low = 0.2

@@ -112,7 +112,7 @@ def vote_margin(answer_ids, invalid_votes=False):
 def confident_majority(answer_ids, min_margin, invalid_votes=False):
   """bool [Q]: the question has a majority that leads the runner-up by at least `min_margin`
   votes (the guard against paying for, and training on, a low-confidence vote; see
-  README "Ablations"). min_margin=0 keeps every question that has a majority."""
+  docs/ablations.md). min_margin=0 keeps every question that has a majority."""
   return (vote_margin(answer_ids, invalid_votes) >= min_margin) & majority_vote(
       answer_ids, invalid_votes)[2]
 

@@ -230,7 +230,7 @@ def test_tiny_sweep_writes_results_and_a_rerun_skips_finished_runs(tmp_path, cap
 
 
 def test_the_arithmetic_controls_run_on_their_config(tmp_path, capsys):
-  """The named controls of the README, on configs/tiny_arithmetic.py, each one short run."""
+  """The named controls of docs/results.md, on configs/tiny_arithmetic.py, each one short run."""
   workdir = tmp_path / "arith"
   arms = ["full:", "frozen_proposer:proposer_update_every=1000000",
           "fixed_questions:task.question_source=fixed",
