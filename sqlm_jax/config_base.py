@@ -206,8 +206,8 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def reference_update(c: ml_collections.ConfigDict) -> None:
-  """The reference trainer's update and data path (verl, exps/smallbs.yaml; the table in docs/fidelity.md
-  ), shared by the paper's math configs."""
+  """The reference trainer's update and data path (verl, exps/smallbs.yaml; docs/fidelity.md),
+  shared by the paper's math configs."""
   c.shared_weights_update = "sequential"  # Solver update, then proposer on the updated weights.
   c.rl.weight_decay = 0.01
   c.rl.clip_eps_low = 0.2
