@@ -6,7 +6,8 @@ The model (sqlm_jax/assets/tiny_arithmetic, remade by the command in its pretrai
 knows the three operations on numbers of up to 3 digits and has rarely seen 4-digit ones; the
 held-out set arithmetic4 is 4-digit problems it has never seen. Everything but the paraphrase
 guard is the tiny addition default (configs/tiny.py). The guard was chosen on arithmetic4's
-validation split (seed 0: 0.287 -> 0.353 with it, 0.283 without; docs/results.md, "A second CPU\ntopic").
+validation split (seed 0: 0.287 -> 0.353 with it, 0.283 without; docs/results.md, "A second CPU
+topic").
 """
 
 import os
