@@ -24,6 +24,11 @@ from sqlm_jax.sandbox.limits import _KEEP_CHARS, DEFAULT_LIMITS, Limits, RunResu
 from sqlm_jax.sandbox.supervisor import _WRAPPER
 from sqlm_jax.sandbox.uids import _uids
 
+# isolation.BWRAP_PATH and UNSHARE_PATH are read through their module, so that a path set there
+# reaches run() as well as check_available().
+
+
+# The seccomp program a run installs, built once per choice.
 @functools.lru_cache(maxsize=None)
 def _filter(shared_memory: bool, inet_sockets: bool) -> bytes:
   return seccomp.program(shared_memory, inet_sockets)
