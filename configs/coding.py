@@ -3,7 +3,7 @@
   python -m sqlm_jax.main --config configs/coding.py --config.model.path=/ckpt/Qwen2.5-Coder-3B-Instruct
   python -m sqlm_jax.main --config configs/coding.py:small ...   # 64 prompts per step
 
-The solver's programs run in the sandbox (sqlm_jax/sandbox.py, needs bubblewrap); the solver
+The solver's programs run in the sandbox (sqlm_jax/sandbox/, needs bubblewrap); the solver
 reward is the pass rate over the first min(#tests, 10) of the proposer's tests, the proposer's
 is 1 iff 0 < mean pass rate < 1. Evaluated on HumanEval (pass@1 greedy, pass@k sampled). As in
 the reference's coding run, the update is PPO with GAE and a learned value model (a copy of the

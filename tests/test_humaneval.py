@@ -12,7 +12,7 @@ import pytest
 from sqlm_jax import humaneval, sandbox
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-needs_bwrap = pytest.mark.skipif(sandbox._bwrap_problem(sandbox.BWRAP_PATH) is not None,
+needs_bwrap = pytest.mark.skipif(sandbox.isolation._bwrap_problem(sandbox.BWRAP_PATH) is not None,
                                  reason="bubblewrap missing: apt-get install bubblewrap")
 
 

@@ -22,8 +22,9 @@ from sqlm_jax import sandbox
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FAST = sandbox.Limits(timeout_s=1.5)
 
-pytestmark = pytest.mark.skipif(sandbox._bwrap_problem(sandbox.BWRAP_PATH) is not None,
-                                reason="bubblewrap missing: apt-get install bubblewrap")
+pytestmark = pytest.mark.skipif(
+    sandbox.isolation._bwrap_problem(sandbox.BWRAP_PATH) is not None,
+    reason="bubblewrap missing: apt-get install bubblewrap")
 
 
 def run(program, stdin="", expected=None, limits=FAST, **kw):
@@ -32,7 +33,7 @@ def run(program, stdin="", expected=None, limits=FAST, **kw):
 
 def sandbox_uid_processes():
   """Pids of live processes owned by one of this process's sandbox uids."""
-  uids = sandbox._uids.block or range(0)
+  uids = sandbox.uids._uids.block or range(0)
   found = []
   for pid in filter(str.isdigit, os.listdir("/proc")):
     try:
@@ -105,7 +106,7 @@ def test_pool_returns_results_in_job_order():
 
 
 def test_refuses_without_bwrap_unless_the_weak_mode_is_chosen(monkeypatch):
-  monkeypatch.setattr(sandbox, "BWRAP_PATH", "/nonexistent/bwrap")
+  monkeypatch.setattr(sandbox.isolation, "BWRAP_PATH", "/nonexistent/bwrap")
   with pytest.raises(RuntimeError, match="apt-get install bubblewrap"):
     run("print(1)")
   with pytest.raises(RuntimeError, match="allow_unsandboxed"):
@@ -482,8 +483,8 @@ key = libc.syscall(L(nr["add_key"]), b"user", b"sqlm-secret", b"hunter2", L(7), 
 assert key > 0 and libc.syscall(L(nr["keyctl"]), L(5), L(key), L(perm)) == 0  # SETPERM
 session = libc.syscall(L(nr["keyctl"]), L(0), L(-3), L(0))  # GET_KEYRING_ID
 if allow_all:
-  sandbox._filter = lambda shared_memory, inet_sockets: (0x06).to_bytes(2, "little") + bytes(2) + (
-      0x7FFF0000).to_bytes(4, "little")
+  sandbox.launch._filter = lambda shared_memory, inet_sockets: (0x06).to_bytes(
+      2, "little") + bytes(2) + (0x7FFF0000).to_bytes(4, "little")
 with open(program + ".in", "w") as f:
   f.write(f"{key} {session}\\n")
 sys.stdout = open(program + ".json", "w")
@@ -571,17 +572,18 @@ def test_each_live_run_has_its_own_uid_from_the_checked_range():
   with sandbox.SandboxPool(workers=3, limits=FAST) as pool:
     results = pool.run([("import os, time; time.sleep(0.2); print(os.getuid())", "", None)] * 6)
   uids = [int(r.stdout) for r in results]
-  assert len(set(uids)) == 6 and all(uid in sandbox._uids.block for uid in uids)
-  assert sandbox.uid_range_conflicts(sandbox._uids.block.start, sandbox._uids.block.stop) == []
+  assert len(set(uids)) == 6 and all(uid in sandbox.uids._uids.block for uid in uids)
+  block = sandbox.uids._uids.block
+  assert sandbox.uid_range_conflicts(block.start, block.stop) == []
   assert any("user root" in c for c in sandbox.uid_range_conflicts(0, 10))
   assert sandbox.uid_range_conflicts(300_000, 300_001)  # directory-service id mapping
 
 
 def test_uids_are_reused_only_after_the_block_is_used_up(monkeypatch, tmp_path):
-  monkeypatch.setattr(sandbox, "UID_BLOCK", 3)
-  monkeypatch.setattr(sandbox.tempfile, "gettempdir", lambda: str(tmp_path))
-  monkeypatch.setattr(sandbox.os, "access", lambda path, mode: False)  # locks under tmp_path
-  uids = sandbox._Uids()
+  monkeypatch.setattr(sandbox.uids, "UID_BLOCK", 3)
+  monkeypatch.setattr(sandbox.uids.tempfile, "gettempdir", lambda: str(tmp_path))
+  monkeypatch.setattr(sandbox.uids.os, "access", lambda path, mode: False)  # locks under tmp_path
+  uids = sandbox.uids._Uids()
   first = [uids.take(), uids.take()]
   uids.give_back(first[0])
   third = uids.take()
@@ -631,7 +633,7 @@ def shmem_bytes():
 def make_guard_cgroup(limit_bytes):
   """A memory cgroup of the test's own, beside the sandbox's, so that a regression cannot take
   the machine's memory: (directory, file holding its peak usage)."""
-  parents = dict((c, (v, d)) for c, v, d in sandbox._cgroup_parents())
+  parents = dict((c, (v, d)) for c, v, d in sandbox.cgroups._cgroup_parents())
   if "memory" not in parents:
     return None
   version, parent = parents["memory"]
@@ -659,7 +661,7 @@ def test_shared_memory_and_memfds_stay_bounded_and_leave_nothing(cgroups):
                  prefix=["sh", "-c", f'echo $$ > {guard_dir}/cgroup.procs && exec "$@"', "sh"])
     peak = int(open(peak_file).read())
   finally:
-    sandbox._remove_cgroup(guard_dir, 5.0)
+    sandbox.cgroups._remove_cgroup(guard_dir, 5.0)
   held = [int(line.split()[1]) for line in result["stdout"].splitlines() if line.startswith("held")]
   if cgroups == "1":  # counted by the run's memory cgroup, killed at its limit
     assert result["status"] == "crashed" and "memory limit" in result["stderr"], result
@@ -739,7 +741,7 @@ def available_memory():
 
 @pytest.mark.parametrize("protocol", ["tcp", "udp"])
 def test_socket_buffers_stay_within_the_runs_memory(protocol):
-  if sandbox._socket_memory() == "refused":
+  if sandbox.cgroups._socket_memory() == "refused":
     result = run("import socket; socket.socket()")
     assert result.status == "crashed" and "Address family not supported" in result.stderr
     return
@@ -819,11 +821,11 @@ print(json.dumps([sorted(alone)[1], sorted(beside)[1]]))
 
 
 def test_a_run_that_forks_spinners_does_not_starve_the_one_beside_it():
-  if not sandbox._has_cpu_quota():
+  if not sandbox.cgroups._has_cpu_quota():
     pytest.skip("no cpu cgroup controller here")
   # Measured in a cpu cgroup that outweighs the machine's other processes, so that what is
   # compared is the two runs, not the load other jobs put on the machine.
-  parents = {c: (v, d) for c, v, d in sandbox._cgroup_parents()}
+  parents = {c: (v, d) for c, v, d in sandbox.cgroups._cgroup_parents()}
   version, parent = parents["cpu"]
   group = os.path.join(os.path.dirname(parent), f"sqlm-test-cpu-{uuid.uuid4().hex[:8]}")
   os.mkdir(group)
@@ -834,13 +836,13 @@ def test_a_run_that_forks_spinners_does_not_starve_the_one_beside_it():
                           sys.executable, "-c", CPU_SHARE_PROBE], capture_output=True, text=True,
                          cwd=REPO, check=True).stdout
   finally:
-    sandbox._remove_cgroup(group, 5.0)
+    sandbox.cgroups._remove_cgroup(group, 5.0)
   alone, beside = json.loads(out)
   assert beside < 2.5 * alone, f"alone {alone:.2f} s, beside the spinners {beside:.2f} s"
 
 
 def test_a_run_uses_no_more_than_its_cpu_share():
-  if not sandbox._has_cpu_quota():
+  if not sandbox.cgroups._has_cpu_quota():
     assert "none" in sandbox.describe()["cpu"]
     return
   # Four spinning processes for 2 s of wall time: at a quota of 0.5 CPU they get about 1 s.
