@@ -7,7 +7,7 @@ The solver's programs run in the sandbox (sqlm_jax/sandbox/, needs bubblewrap); 
 reward is the pass rate over the first min(#tests, 10) of the proposer's tests, the proposer's
 is 1 iff 0 < mean pass rate < 1. Evaluated on HumanEval (pass@1 greedy, pass@k sampled). As in
 the reference's coding run, the update is PPO with GAE and a learned value model (a copy of the
-base with a scalar head, sqlm_jax/critic.py) and no KL term.
+base with a scalar head, sqlm_jax/rl/critic.py) and no KL term.
 
 The reference's batch (exps/coding_selfplay.yaml): 1,024 topic prompts x 4 proposals = 4,096
 questions x n = 4 = 16,384 solver programs per step, in PPO mini-batches of 256 prompts x n =

@@ -36,8 +36,9 @@ CHECKPOINT_DIR = "checkpoints"
 # mesh sizes and rules, micro-batch size, remat, sandbox) only changes how or what is reported.
 MEANING = ("seed", "model.path", "model.dtype", "model.param_dtype", "shared_weights", "task.",
            "rollout.", "rewards.", "rl.", "critic.", "proposer_update_every")
-# Gradients accumulate to the full-batch value (rl.py), log-probs chunk to the same values, and a
-# row's tokens do not depend on how rows are grouped into decoding calls or over which devices.
+# Gradients accumulate to the full-batch value (rl/update.py), log-probs chunk to the same values,
+# and a row's tokens do not depend on how rows are grouped into decoding calls or over which
+# devices.
 HARMLESS = ("rl.micro_batch_size", "rl.logprob_chunk", "rollout.rows_per_call", "rollout.tensor")
 
 # What a run writes into its workdir besides checkpoints: another run's copies are refused.

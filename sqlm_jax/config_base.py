@@ -159,7 +159,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.rl.recompute_old_logprobs = ml_collections.config_dict.placeholder(bool)
   c.proposer_update_every = 5  # The proposer is updated every this many steps.
 
-  # The value model (rl.advantage_estimator="gae", sqlm_jax/critic.py): its head starts at
+  # The value model (rl.advantage_estimator="gae", sqlm_jax/rl/critic.py): its head starts at
   # "zeros" (ours) or "random" (verl's). It fits the proposer's batch every step, then the
   # solver's, before either policy update (verl's order).
   c.critic = ml_collections.ConfigDict()

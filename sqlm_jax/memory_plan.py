@@ -241,7 +241,7 @@ def memory_plan(config, model_config, layouts: dict, tokenizer, task,
       entry["reference"] = sharding.bytes_per_device(
           _shapes(ref_config), sharding.param_shardings(layout, ref_config))
   if config.rl.advantage_estimator == "gae":  # The value model, on the solver's devices.
-    from sqlm_jax import critic
+    from sqlm_jax.rl import critic
     entry = per_layout[layouts["solver"]]
     critic_shapes = jax.eval_shape(lambda p: critic.init(p, model_config), shapes)
     critic_shardings = critic.param_shardings(layouts["solver"], model_config)

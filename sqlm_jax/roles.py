@@ -17,8 +17,9 @@ from typing import Any, Callable, Optional
 import jax
 import ml_collections
 
-from sqlm_jax import critic, diversity, evaluation, memory_plan, rl, rollout, sharding
+from sqlm_jax import diversity, evaluation, memory_plan, rl, rollout, sharding
 from sqlm_jax.models import ModelConfig, forward, load_pretrained, read_config, transformer
+from sqlm_jax.rl import critic
 from sqlm_jax.sampling import Sampler
 from sqlm_jax.tasks import get_task
 from sqlm_jax.tasks.base import Task
@@ -34,7 +35,7 @@ class RunState:
   `arrays()` is the device pytree (params and optimizer states, saved sharded) and `host()`
   the plain data; with shared weights, params/opt_state hold a single "policy" entry used by
   both roles; with rl.advantage_estimator="gae" they also hold the value model's, "critic"
-  (sqlm_jax/critic.py). The frozen KL reference is not part of it: it is always the starting
+  (sqlm_jax/rl/critic.py). The frozen KL reference is not part of it: it is always the starting
   weights, reloaded from model.path by `setup`.
   """
 

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sqlm_jax import critic
 from sqlm_jax.models import ModelConfig, transformer
+from sqlm_jax.rl import critic
 
 
 def _policy():

@@ -530,11 +530,11 @@ def test_value_loss_clips_like_verl():
   cfg = _cfg(value_clip=0.5)
   one = np.ones((1, 1), np.float32)
   # New value 1, old 0, return 2: clipped value 0.5 is further from the return -> it counts.
-  loss, sums = rl._value_sums(jnp.array([[1.0]]), 0 * one, 2 * one, one, np.ones(1), cfg)
+  loss, sums = rl.losses._value_sums(jnp.array([[1.0]]), 0 * one, 2 * one, one, np.ones(1), cfg)
   np.testing.assert_allclose(loss, 1.5 ** 2)  # No factor 1/2, as verl's compute_value_loss.
   assert sums["value_clip_frac"] == 1
   # Return -1: the unclipped value is the further one; its loss counts (the larger of two).
-  loss, sums = rl._value_sums(jnp.array([[1.0]]), 0 * one, -one, one, np.ones(1), cfg)
+  loss, sums = rl.losses._value_sums(jnp.array([[1.0]]), 0 * one, -one, one, np.ones(1), cfg)
   np.testing.assert_allclose(loss, 2.0 ** 2, rtol=1e-5)
   assert sums["value_clip_frac"] == 0
 
