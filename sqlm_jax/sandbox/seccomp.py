@@ -28,7 +28,8 @@ ALLOWED = tuple("""
     fallocate getcwd chdir fchdir dup dup2 dup3 pipe pipe2 select pselect6 poll ppoll
     epoll_create epoll_create1 epoll_ctl epoll_wait epoll_pwait epoll_pwait2 eventfd eventfd2
     utime utimes utimensat futimesat umask statfs fstatfs flock sendfile copy_file_range splice
-    tee fadvise64 getxattr lgetxattr fgetxattr listxattr llistxattr flistxattr msync membarrier exit exit_group getpid getppid gettid getuid geteuid getgid getegid getresuid
+    tee fadvise64 getxattr lgetxattr fgetxattr listxattr llistxattr flistxattr msync membarrier
+    exit exit_group getpid getppid gettid getuid geteuid getgid getegid getresuid
     getresgid getgroups getpgrp getpgid getsid setsid setpgid fork vfork execve wait4 waitid
     kill tgkill tkill rt_sigpending rt_sigtimedwait rt_sigsuspend sigaltstack pause times
     getrusage getrlimit sched_yield sched_getaffinity sched_setaffinity
