@@ -29,7 +29,8 @@ def make_grad_fn(apply_fn, cfg, micro_batch_size, layout=None, objective="policy
   [m, logprob_chunk, V] when chunked); the result equals the full-batch gradient for every
   loss_agg, because each micro-batch loss is divided by the whole batch's `loss_normaliser`.
   Gradients accumulate in float32 and come back in the parameters' dtype. With a
-  `sharding.Layout`, each micro-batch's rows stay split over the mesh's batch axes. Not jitted: `make_update_fn` jits it.
+  `sharding.Layout`, each micro-batch's rows stay split over the mesh's batch axes.
+  Not jitted: `make_update_fn` jits it.
   """
   if micro_batch_size < 1:
     raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}.")
@@ -98,9 +99,9 @@ def make_update_fn(apply_fn, optimizer, cfg, micro_batch_size, layout=None,
   learning_rate and skipped_updates (1 when a non-finite gradient left params and opt_state
   unchanged, see cfg.skip_nonfinite_updates) added to those of the loss. `optimizer` comes from
   `make_optimizer(cfg)`; the step's learning rate is `make_lr_schedule(cfg)(step)`, step being
-  the self-play step (see `default_config`), or the optimizer's own count when step is None. PPO mini-batches and
-  epochs are repeated calls (`mini_batches`). params and opt_state are donated, so the update
-  holds one copy of each: do not reuse the arrays passed in. With shardings, they are the
+  the self-play step (see `default_config`), or the optimizer's own count when step is None.
+  PPO mini-batches and epochs are repeated calls (`mini_batches`). params and opt_state are
+  donated, so the update holds one copy of each: do not reuse the arrays passed in. With shardings, they are the
   explicit in/out shardings of both (the parameters' and optimizer state's layouts never
   change); batches keep the layout they come with (`Layout.put_batch`). B must be divisible
   by micro_batch_size.
