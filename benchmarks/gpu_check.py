@@ -34,7 +34,7 @@ def main():
 
   from sqlm_jax import rl
   from sqlm_jax.models import forward, load_pretrained
-  from sqlm_jax.sampling import Sampler
+  from sqlm_jax.rollout.sampling import Sampler
 
   print("jax devices:", jax.devices(), "torch:", torch.__version__, torch.cuda.get_device_name())
   torch.backends.cuda.matmul.allow_tf32 = False

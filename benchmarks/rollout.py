@@ -67,9 +67,11 @@ def run_shape(name, args, out):
   import jax
   import jax.numpy as jnp
 
-  from sqlm_jax import rl, roles, sharding
+  from sqlm_jax import rl
+  from sqlm_jax.loop import roles
+  from sqlm_jax.scale import sharding
   from sqlm_jax.models import ModelConfig, transformer
-  from sqlm_jax.sampling import Sampler
+  from sqlm_jax.rollout.sampling import Sampler
   kind, figures = chip_figures()
   config = ModelConfig(model_type="qwen2", qkv_bias=True, max_position_embeddings=8192,
                        dtype=args.dtype, param_dtype=args.dtype, rope_theta=1e6,

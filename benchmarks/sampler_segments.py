@@ -4,7 +4,7 @@
       [--prompt-length 32] [--new-tokens 512 64] [--gqa 2] [--runs 7]
 
 The sampler before segmented decoding (its prefill attends over the prompt and every answer
-slot, and each decode step over the whole cache) is `git show <baseline>:sqlm_jax/sampling.py`
+slot, and each decode step over the whole cache) is `git show <baseline>:sqlm_jax/rollout/sampling.py`
 and `...models/transformer.py`, written to a temporary package and imported beside the current
 one; both decode the same random Qwen2 checkpoint (benchmarks/sampler_throughput.py's, whose
 weights give greedy choices margins) in one process, warmed up (compiled) first and then timed
@@ -54,10 +54,10 @@ def baseline_package(rev: str, folder: str):
   open(os.path.join(package, "__init__.py"), "w").close()
   with open(os.path.join(package, "transformer.py"), "w") as f:
     f.write(show("sqlm_jax/models/transformer.py"))
-  sampling = show("sqlm_jax/sampling.py")
+  sampling = show("sqlm_jax/rollout/sampling.py")
   line = "from sqlm_jax.models import transformer\n"
   if line not in sampling:
-    sys.exit(f"{rev}:sqlm_jax/sampling.py does not import the model as expected ({line!r}).")
+    sys.exit(f"{rev}:sqlm_jax/rollout/sampling.py does not import the model as expected ({line!r}).")
   with open(os.path.join(package, "sampling.py"), "w") as f:
     f.write(sampling.replace(line, "from baseline_sampler import transformer\n"))
   sys.path.insert(0, folder)
@@ -117,7 +117,7 @@ def main():
     args.vocab, args.hidden, args.intermediate, args.layers, args.head_dim = 512, 64, 128, 2, 16
 
   import jax
-  from sqlm_jax import sampling
+  from sqlm_jax.rollout import sampling
   from sqlm_jax.models import load_pretrained
   throughput = load_throughput_module()
   with tempfile.TemporaryDirectory() as tmp:

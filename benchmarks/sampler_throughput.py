@@ -104,7 +104,7 @@ def transformers_generator(args, prompts, dtype):
 
 def ours_generator(args, prompts, dtype):
   import jax
-  from sqlm_jax import sampling
+  from sqlm_jax.rollout import sampling
   from sqlm_jax.models import load_pretrained
   config, params = load_pretrained(args.checkpoint, dtype=dtype, param_dtype=dtype)
   params = jax.device_put(params)

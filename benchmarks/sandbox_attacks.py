@@ -6,7 +6,7 @@
 tests/test_sandbox.py): what the kernel queued for the run, and how far the host's MemAvailable
 fell while it ran; (b) an honest CPU-bound run's wall time alone and beside a run that forks
 spinners (as root, in a cpu cgroup that outweighs the machine's other processes, so that the two
-runs are what is compared); (c) pass@1 through `python -m sqlm_jax.humaneval` of completions that
+runs are what is compared); (c) pass@1 through `python -m sqlm_jax.evals.humaneval` of completions that
 do not solve: the cheats of tests/test_humaneval.py, `return None` and the canonical solutions.
 Run it against another checkout's sandbox with PYTHONPATH=<checkout> (the programs stay these).
 """
@@ -80,7 +80,7 @@ def cpu_share():
 
 
 def humaneval_cheats(problems):
-  from sqlm_jax import humaneval
+  from sqlm_jax.evals import humaneval
   tasks = humaneval.load_problems(limit=problems)
   bodies = {"canonical solution": None, "return None": "    return None\n",
             **test_humaneval.CHEATS}
@@ -90,7 +90,7 @@ def humaneval_cheats(problems):
       path.write_text("".join(json.dumps({"task_id": p["task_id"], "completion": body if body
                                           is not None else p["canonical_solution"]}) + "\n"
                               for p in tasks))
-      score = json.loads(cli("sqlm_jax.humaneval", "--completions", str(path), "--k", "1"))
+      score = json.loads(cli("sqlm_jax.evals.humaneval", "--completions", str(path), "--k", "1"))
       print(f"HumanEval {name:30s} pass@1 = {score['pass@1']:.3f} ({len(tasks)} problems)")
 
 

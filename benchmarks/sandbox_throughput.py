@@ -4,7 +4,7 @@
 
 (a) a trivial program run once; (b) a typical solution (sum a line of integers) run against 5
 tests, as the coding topic does; (c) with --humaneval P, HumanEval samples: the canonical
-solutions of the first P problems through sqlm_jax.humaneval.score (no plain baseline).
+solutions of the first P problems through sqlm_jax.evals.humaneval.score (no plain baseline).
 The plain baseline starts the same interpreter with the same
 flags and the same number of threads, without bubblewrap, rlimits or the uid drop, so the ratio
 is the sandbox's own cost. As root with a cpuacct (cgroup v1) or cpu (v2) controller, it also
@@ -118,7 +118,7 @@ def main():
       print(f"  CPU time:  {1000 * cpu_box / len(jobs):5.1f} ms/run sandboxed, "
             f"{1000 * cpu_plain / len(jobs):5.1f} ms/run plain")
     if args.humaneval:
-      from sqlm_jax import humaneval
+      from sqlm_jax.evals import humaneval
       problems = humaneval.load_problems(limit=args.humaneval)
       samples = [[p["canonical_solution"]] for p in problems]
       t_box, cpu_box, score = timed(lambda s: humaneval.score(problems, s, pool), samples, meter)

@@ -26,7 +26,7 @@ PHASES = ("propose", "host_parse", "solve", "host_score", "train")
 
 def main(argv):
   del argv
-  from sqlm_jax import selfplay
+  from sqlm_jax.loop import selfplay
   config = _CONFIG.value
   config.total_steps = _STEPS.value
   config.eval.every = 0

@@ -20,13 +20,14 @@ import random
 import jax
 import numpy as np
 
-from sqlm_jax import evaluation, rewards
+from sqlm_jax.evals import evaluation
+from sqlm_jax.reward import rewards
 from sqlm_jax.config_base import load_config
 from sqlm_jax.models import load_pretrained
-from sqlm_jax.sampling import Sampler
+from sqlm_jax.rollout.sampling import Sampler
 from sqlm_jax.tasks import tiny_addition
 from sqlm_jax.tasks.math_answers import answer_ids
-from sqlm_jax.tokenizer import load_tokenizer
+from sqlm_jax.models.tokenizer import load_tokenizer
 
 
 def auc(score, right):

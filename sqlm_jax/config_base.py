@@ -9,7 +9,8 @@ import os
 
 import ml_collections
 
-from sqlm_jax import rl, sharding
+from sqlm_jax import rl
+from sqlm_jax.scale import sharding
 
 REQUIRED = "__required__"  # Placeholder for fields the user must set (checked before any compile).
 DEFAULT_COMPILE_CACHE = os.path.join(
@@ -34,7 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
   # the solver-updated weights (the reference: two separate actor updates).
   c.shared_weights_update = "summed"
 
-  # The device mesh (sqlm_jax/sharding.py): sizes of its data / fsdp / tensor axes, whose product
+  # The device mesh (sqlm_jax/scale/sharding.py): sizes of its data / fsdp / tensor axes, whose product
   # is the device count; one of them may be -1 (the remaining devices).
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = 1
@@ -90,7 +91,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.rollout.temperature = ml_collections.FieldReference(1.0)
   c.rollout.top_p = 1.0  # Nucleus filter for both roles (1.0 = off).
   c.rollout.top_k = 0  # Top-k filter for both roles (0 = off).
-  # Decoding runs on its own layout (sqlm_jax/rollout.py): each step, a role's weights are cast to
+  # Decoding runs on its own layout (sqlm_jax/rollout/decoding.py): each step, a role's weights are cast to
   # rollout.dtype and resharded over the role's devices with `tensor` ways of tensor parallelism
   # and the remaining devices splitting the rows (data parallel), so decoding gathers no weights.
   c.rollout.tensor = 1
@@ -104,7 +105,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.rollout.rows_per_call = 0
 
   c.rewards = ml_collections.ConfigDict()
-  # Proposer reward from k = answers agreeing with the majority (see sqlm_jax/rewards.py):
+  # Proposer reward from k = answers agreeing with the majority (see sqlm_jax/reward/rewards.py):
   # sqlm (1 < k < N) | sqlm_paper (0 < k < N) | rzero | learnability | gaussian.
   c.rewards.proposer_shape = "sqlm"
   c.rewards.gaussian_centre = 0.5
@@ -167,7 +168,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 20  # Evaluate every this many steps (0 = only at the start and end).
-  c.eval.heldout = "multiplication3"  # Held-out set with ground truth (sqlm_jax/datasets.py).
+  c.eval.heldout = "multiplication3"  # Held-out set with ground truth (sqlm_jax/evals/datasets.py).
   c.eval.split = "test"  # "validation" (addition4, arithmetic4) is for choosing settings.
   c.eval.num_examples = 0  # 0 = the whole set.
   c.eval.num_samples = 4  # For majority-of-N accuracy.
@@ -181,7 +182,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.log.tensorboard = True
   c.log.progress_bar = True
 
-  # Whole-run checkpoints (sqlm_jax/checkpoints.py) in WORKDIR/checkpoints: rerunning the same
+  # Whole-run checkpoints (sqlm_jax/loop/checkpoints.py) in WORKDIR/checkpoints: rerunning the same
   # command resumes from the newest. Hugging Face exports of the roles are written at the end;
   # `python -m sqlm_jax.export` writes one from any saved step.
   c.checkpoint = ml_collections.ConfigDict()

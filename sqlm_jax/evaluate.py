@@ -38,10 +38,11 @@ def main(argv) -> None:
   del argv
   import jax
 
-  from sqlm_jax import evaluation, roles
+  from sqlm_jax.evals import evaluation
+  from sqlm_jax.loop import roles
   from sqlm_jax.models import load_pretrained
-  from sqlm_jax.sampling import Sampler
-  from sqlm_jax.tokenizer import load_tokenizer
+  from sqlm_jax.rollout.sampling import Sampler
+  from sqlm_jax.models.tokenizer import load_tokenizer
 
   config = _CONFIG.value
   if config is None or not _PARAMS_FROM.value:

@@ -18,7 +18,8 @@ from typing import Optional
 
 import jax
 
-from sqlm_jax import checkpoints, sharding
+from sqlm_jax.loop import checkpoints
+from sqlm_jax.scale import sharding
 from sqlm_jax.models import read_config, transformer
 
 

@@ -2,7 +2,7 @@
 
 The config is checked (required fields, paths, choices, sizes) before anything is loaded or
 compiled; a bad value stops the run with a message naming the key and the fix. Rerunning the
-same command resumes the run from its newest checkpoint (see sqlm_jax/checkpoints.py).
+same command resumes the run from its newest checkpoint (see sqlm_jax/loop/checkpoints.py).
 """
 
 from __future__ import annotations
@@ -13,7 +13,10 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sqlm_jax import checkpoints, config_base, multihost, rewards, rl, sharding
+from sqlm_jax import config_base, rl
+from sqlm_jax.loop import checkpoints
+from sqlm_jax.reward import rewards
+from sqlm_jax.scale import multihost, sharding
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.",
                                           lock_config=True)
@@ -30,8 +33,8 @@ class ConfigError(ValueError):
 
 def validate(config) -> None:
   """Raises ConfigError on the first problem found, before any model is loaded."""
-  from sqlm_jax.datasets import HELDOUT_SETS, split_names
-  from sqlm_jax.evaluation import HELDOUT_NAMES
+  from sqlm_jax.evals.datasets import HELDOUT_SETS, split_names
+  from sqlm_jax.evals.evaluation import HELDOUT_NAMES
   from sqlm_jax.tasks import TASK_NAMES
   path = config.model.path
   if path in (None, "", config_base.REQUIRED):
@@ -144,7 +147,7 @@ MATH_TASKS = ("arithmetic", "algebra", "generic")  # Answers in <answer> tags.
 def check_task_options(config) -> None:
   """Options that need something of the task: a question generator, a vote to guard, a
   paraphrase."""
-  from sqlm_jax.roles import make_task
+  from sqlm_jax.loop.roles import make_task
   from sqlm_jax.tasks import PROPOSAL_FORMATS, REFERENCE_FORMAT_TASKS
   _choice(config, "task.proposal_format", PROPOSAL_FORMATS)
   if (config.task.proposal_format == "reference"
@@ -223,10 +226,10 @@ def check_context_length(config) -> None:
     limit = json.load(f).get("max_position_embeddings")
   if not limit:
     return
-  from sqlm_jax.sampling import bucket
-  from sqlm_jax.roles import make_task
+  from sqlm_jax.rollout.sampling import bucket
+  from sqlm_jax.loop.roles import make_task
   from sqlm_jax.tasks.base import Proposal
-  from sqlm_jax.tokenizer import encode_chat, load_tokenizer
+  from sqlm_jax.models.tokenizer import encode_chat, load_tokenizer
   tokenizer = load_tokenizer(config.model.path)
   task, topic = make_task(config)
   proposer = bucket(len(encode_chat(tokenizer, task.proposer_messages(topic))))
@@ -293,7 +296,8 @@ def main(argv) -> None:
           "TensorBoard files and exports are written as local files; mount the bucket (e.g. "
           "gcsfuse) at the same path on every host and pass that path.", file=sys.stderr)
     sys.exit(2)
-  from sqlm_jax import memory_plan, selfplay  # After validation: loading JAX takes seconds.
+  from sqlm_jax.loop import selfplay  # After validation: loading JAX takes seconds.
+  from sqlm_jax.scale import memory_plan
   try:
     if _DRY_RUN.value:
       dry_run(config, workdir)
@@ -326,8 +330,9 @@ def main(argv) -> None:
 def dry_run(config, workdir: str) -> None:
   """The memory plan alone: mesh, per-phase bytes per device, memory_plan.json; the programs are
   compiled on abstract shapes and no weights are read."""
-  from sqlm_jax import memory_plan, roles
-  from sqlm_jax.tokenizer import load_tokenizer
+  from sqlm_jax.loop import roles
+  from sqlm_jax.scale import memory_plan
+  from sqlm_jax.models.tokenizer import load_tokenizer
   sharding.initialize(config.mesh)
   sharding.use_compile_cache(config.compile_cache_dir)
   layouts = roles.role_layouts(config)

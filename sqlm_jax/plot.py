@@ -14,7 +14,7 @@ import sys
 
 import numpy as np
 
-from sqlm_jax.metrics import read_metrics
+from sqlm_jax.loop.metrics import read_metrics
 
 
 def _series(records, key):

@@ -51,11 +51,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sqlm_jax import datasets
+from sqlm_jax.evals import datasets
 from sqlm_jax.models import ModelConfig, forward, init_params, save_pretrained
-from sqlm_jax.sampling import Sampler
+from sqlm_jax.rollout.sampling import Sampler
 from sqlm_jax.tasks import tiny_addition, tiny_arithmetic
-from sqlm_jax.tokenizer import CharTokenizer
+from sqlm_jax.models.tokenizer import CharTokenizer
 
 # Topics a tiny base can be pretrained on: their modules give the format (CHARS, markers,
 # sample_question, format_answer), the Task and the held-out set (HELDOUT).

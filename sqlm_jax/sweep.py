@@ -215,7 +215,7 @@ def plan(config_path: str, grids: Sequence[tuple[str, list[str]]], seeds: Sequen
 
 def prepare_heldout(runs: Sequence[Run]) -> None:
   """Prepares each held-out set once here: runs preparing the same one at once would race."""
-  from sqlm_jax import datasets
+  from sqlm_jax.evals import datasets
   for name, data_dir in dict.fromkeys(run.heldout for run in runs):
     if name in datasets.HELDOUT_SETS:
       datasets.load_heldout(name, data_dir or None)
@@ -293,7 +293,7 @@ def run_result(run: Run) -> dict:
 
 
 def _curves(run: Run) -> dict[str, tuple[list[int], list[float]]]:
-  from sqlm_jax.metrics import read_metrics
+  from sqlm_jax.loop.metrics import read_metrics
   try:
     records = read_metrics(run.workdir)
   except FileNotFoundError:

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sqlm_jax import checkpoints, metrics
+from sqlm_jax.loop import checkpoints, metrics
 from sqlm_jax.config_base import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

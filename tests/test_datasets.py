@@ -6,7 +6,7 @@ import pytest
 import sympy
 import tensorflow_datasets as tfds
 
-from sqlm_jax import datasets
+from sqlm_jax.evals import datasets
 from sqlm_jax.tasks import algebra
 from sqlm_jax.tasks.base import Proposal
 

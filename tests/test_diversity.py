@@ -2,7 +2,7 @@
 
 import pytest
 
-from sqlm_jax import diversity
+from sqlm_jax.reward import diversity
 
 
 def test_distinct_n_hand_counted():

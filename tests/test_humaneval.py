@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from sqlm_jax import humaneval, sandbox
+from sqlm_jax import sandbox
+from sqlm_jax.evals import humaneval
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 needs_bwrap = pytest.mark.skipif(sandbox.isolation._bwrap_problem(sandbox.BWRAP_PATH) is not None,
@@ -226,7 +227,7 @@ def test_cli_scores_canonical_solutions_one_and_early_exits_zero(tmp_path):
   (tmp_path / "cheats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in cheats))
 
   def cli(name, *flags):
-    out = subprocess.run([sys.executable, "-m", "sqlm_jax.humaneval", "--completions",
+    out = subprocess.run([sys.executable, "-m", "sqlm_jax.evals.humaneval", "--completions",
                           str(tmp_path / name), "--workers", "2", *flags],
                          capture_output=True, text=True, cwd=REPO, check=True).stdout
     return json.loads(out)

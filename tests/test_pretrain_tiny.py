@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 
 import sqlm_jax
-from sqlm_jax import datasets, pretrain_tiny
+from sqlm_jax import pretrain_tiny
+from sqlm_jax.evals import datasets
 from sqlm_jax.models import load_pretrained
 from sqlm_jax.tasks import tiny_addition, tiny_arithmetic
 from sqlm_jax.tasks.base import Proposal
-from sqlm_jax.tokenizer import CharTokenizer, load_tokenizer
+from sqlm_jax.models.tokenizer import CharTokenizer, load_tokenizer
 
 
 def test_short_run_lowers_the_loss_and_writes_a_loadable_checkpoint(tmp_path):

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from sqlm_jax import rewards
+from sqlm_jax.reward import rewards
 
 
 def test_majority_vote_hand_cases():

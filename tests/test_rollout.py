@@ -10,9 +10,11 @@ import jax
 import numpy as np
 import pytest
 
-from sqlm_jax import memory_plan, roles, rollout
+from sqlm_jax.loop import roles
+from sqlm_jax.rollout import decoding
+from sqlm_jax.scale import memory_plan
 from sqlm_jax.models import load_pretrained
-from sqlm_jax.sampling import Sampler
+from sqlm_jax.rollout.sampling import Sampler
 from tests.test_selfplay import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,32 +27,32 @@ def test_rollout_chunked_sampling_gives_the_unchunked_tokens(qwen2_dir, rows_per
   config, params = load_pretrained(qwen2_dir)
   sampler = Sampler(config, pad_id=0, stop_ids=[1])
   kwargs = dict(max_new_tokens=9, num_samples=4, temperature=1.0)
-  whole = rollout.sample(sampler, params, PROMPTS, jax.random.key(4), rows_per_call=0, **kwargs)
-  chunked = rollout.sample(sampler, params, PROMPTS, jax.random.key(4),
+  whole = decoding.sample(sampler, params, PROMPTS, jax.random.key(4), rows_per_call=0, **kwargs)
+  chunked = decoding.sample(sampler, params, PROMPTS, jax.random.key(4),
                            rows_per_call=rows_per_call, **kwargs)
   np.testing.assert_array_equal(whole.tokens, chunked.tokens)
   np.testing.assert_array_equal(whole.lengths, chunked.lengths)
   np.testing.assert_allclose(whole.logprobs, chunked.logprobs, rtol=1e-5)  # Batch-size rounding.
   np.testing.assert_array_equal(whole.prompt_tokens, chunked.prompt_tokens)
   np.testing.assert_array_equal(whole.prompt_mask, chunked.prompt_mask)
-  other = rollout.sample(sampler, params, PROMPTS, jax.random.key(5),
+  other = decoding.sample(sampler, params, PROMPTS, jax.random.key(5),
                          rows_per_call=rows_per_call, **kwargs)
   assert not np.array_equal(other.tokens, chunked.tokens)  # The key still matters.
 
 
 def test_rollout_copy_is_per_layer_in_rollout_dtype_and_freed(qwen2_dir):
   s, state = roles.setup(tiny_config(qwen2_dir))
-  copy = rollout.weights(s.roles["solver"], state.params["solver"])  # float32 on CPU
+  copy = decoding.weights(s.roles["solver"], state.params["solver"])  # float32 on CPU
   assert len(copy["layers"]) == s.model_config.num_layers
   for i, layer in enumerate(copy["layers"]):
     for a, b in zip(jax.tree.leaves(layer), jax.tree.leaves(state.params["solver"]["layers"])):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b)[i])
   s, state = roles.setup(tiny_config(qwen2_dir, **{"rollout.dtype": "bfloat16"}))
-  copy = rollout.weights(s.roles["solver"], state.params["solver"])
+  copy = decoding.weights(s.roles["solver"], state.params["solver"])
   assert {x.dtype for x in jax.tree.leaves(copy)} == {np.dtype("bfloat16")}
   assert {x.dtype for x in jax.tree.leaves(state.params["solver"])} == {np.dtype("float32")}
   assert s.recompute_old_logprobs  # The sampler's numerics are no longer the trainer's.
-  rollout.free(copy)
+  decoding.free(copy)
   assert all(x.is_deleted() for x in jax.tree.leaves(copy))
   assert not any(x.is_deleted() for x in jax.tree.leaves(state.params["solver"]))
 
@@ -100,7 +102,7 @@ import jax, json, sys
 hits = []
 jax.monitoring.register_event_listener(
     lambda name, **kw: hits.append(name) if name == '/jax/compilation_cache/cache_hits' else None)
-from sqlm_jax import selfplay
+from sqlm_jax.loop import selfplay
 from tests.test_selfplay import tiny_config
 config = tiny_config({str(qwen2_dir)!r}, **{{"total_steps": 1, "eval.num_examples": 2,
                      "compile_cache_dir": {str(tmp_path / 'cache')!r}}})
@@ -120,7 +122,7 @@ print(json.dumps(len(hits)))
 def test_memory_plan_estimate_without_a_limit_keeps_one_call(qwen2_dir):
   config = tiny_config(qwen2_dir)
   model_config, _ = roles.model_configs(config)
-  from sqlm_jax.tokenizer import load_tokenizer
+  from sqlm_jax.models.tokenizer import load_tokenizer
   plan = memory_plan.memory_plan(config, model_config, roles.role_layouts(config),
                                  load_tokenizer(qwen2_dir), roles.make_task(config)[0],
                                  compile_programs=False)

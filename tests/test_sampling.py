@@ -12,9 +12,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from sqlm_jax import sampling
+from sqlm_jax.rollout import sampling
 from sqlm_jax.models import load_pretrained
-from sqlm_jax.tokenizer import encode_chat, load_tokenizer
+from sqlm_jax.models.tokenizer import encode_chat, load_tokenizer
 from tests import tiny
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18], [20]]
@@ -148,7 +148,7 @@ def test_bucket():
   assert sampling.bucket(3, minimum=1) == 4
 
 
-# ---- Chunked calls, segmented decoding and the lowering hook (used by sqlm_jax/rollout.py) ----
+# ---- Chunked calls, segmented decoding and the lowering hook (used by sqlm_jax/rollout/decoding.py) ----
 
 
 def test_rollout_noise_is_jax_gumbel_at_any_first_row():
@@ -284,7 +284,7 @@ def check_lowering_on_8_devices():
   analysis, the decode program runs one loop per cache block, and nothing those loops run
   all-gathers. On an FSDP mesh (1, 8, 1) the loops do gather the weights (so the check sees
   all-gathers where there are some)."""
-  from sqlm_jax import sharding
+  from sqlm_jax.scale import sharding
   from sqlm_jax.models import transformer
   from sqlm_jax.models.config import ModelConfig
   assert jax.device_count() == 8

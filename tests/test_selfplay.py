@@ -8,7 +8,10 @@ import jax
 import numpy as np
 import pytest
 
-from sqlm_jax import rl, roles, rollout, scoring, selfplay
+from sqlm_jax import rl
+from sqlm_jax.loop import roles, selfplay
+from sqlm_jax.reward import scoring
+from sqlm_jax.rollout import decoding
 from sqlm_jax.config_base import base_config
 from sqlm_jax.models import load_pretrained
 from sqlm_jax.tasks.base import Proposal, Task
@@ -98,7 +101,7 @@ def test_masked_proposal_contributes_exactly_zero_gradient(qwen2_dir, permissive
   config = tiny_config(qwen2_dir)
   s, state = selfplay.setup(config)
   params = state.params["proposer"]
-  out = s.roles["proposer"].sampler(rollout.weights(s.roles["proposer"], params), [[2, 5, 6]],
+  out = s.roles["proposer"].sampler(decoding.weights(s.roles["proposer"], params), [[2, 5, 6]],
                                     jax.random.key(0), max_new_tokens=6, num_samples=4)
   weights = np.array([1.0, 0.0, 1.0, 1.0])
   advantages = np.array([0.5, 3.0, -0.5, 0.0])

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from sqlm_jax import roles, selfplay
+from sqlm_jax.loop import roles, selfplay
 from sqlm_jax.tasks import coding
 from sqlm_jax.tasks.base import Proposal
 from tests.test_selfplay import tiny_config

@@ -8,7 +8,7 @@ import sys
 import pytest
 from jax.sharding import AbstractMesh
 
-from sqlm_jax import sharding
+from sqlm_jax.scale import sharding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -254,7 +254,7 @@ def test_tiny_addition_paraphrase_swaps_the_operands_and_keeps_the_answer():
 @pytest.mark.parametrize("name, task", [("multiplication3", arithmetic),
                                         ("linear_equations", algebra)])
 def test_paraphrase_keeps_the_true_answer_on_the_heldout_questions(name, task):
-  from sqlm_jax import datasets
+  from sqlm_jax.evals import datasets
   examples = datasets.load_heldout(name)
   changed = 0
   for example in examples:

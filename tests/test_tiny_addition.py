@@ -3,11 +3,11 @@
 import os
 
 import sqlm_jax
-from sqlm_jax.datasets import addition_examples
+from sqlm_jax.evals.datasets import addition_examples
 from sqlm_jax.models import load_pretrained
 from sqlm_jax.tasks import get_task, tiny_addition
 from sqlm_jax.tasks.base import Proposal
-from sqlm_jax.tokenizer import CharTokenizer, load_tokenizer
+from sqlm_jax.models.tokenizer import CharTokenizer, load_tokenizer
 
 
 def test_question_and_answer_formats():

@@ -8,10 +8,10 @@ import re
 
 import pytest
 
-from sqlm_jax import datasets
+from sqlm_jax.evals import datasets
 from sqlm_jax.tasks import get_task, tiny_arithmetic
 from sqlm_jax.tasks.base import Proposal
-from sqlm_jax.tokenizer import CharTokenizer
+from sqlm_jax.models.tokenizer import CharTokenizer
 
 TASK = get_task("tiny_arithmetic")
 
@@ -120,7 +120,7 @@ def test_heldout_splits_names_the_tiny_sets():
 def test_bundled_base_and_config():
   from sqlm_jax.config_base import load_config
   from sqlm_jax.models import load_pretrained
-  from sqlm_jax.tokenizer import load_tokenizer
+  from sqlm_jax.models.tokenizer import load_tokenizer
   config = load_config("tiny_arithmetic")
   assert os.path.basename(config.model.path) == "tiny_arithmetic"
   assert (config.task.name, config.eval.heldout) == ("tiny_arithmetic", "arithmetic4")

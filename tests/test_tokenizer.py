@@ -2,7 +2,7 @@
 
 import pytest
 
-from sqlm_jax.tokenizer import CharTokenizer, encode_chat, load_tokenizer
+from sqlm_jax.models.tokenizer import CharTokenizer, encode_chat, load_tokenizer
 
 
 def test_hf_tokenizer_round_trip_and_chat_template(qwen2_dir):

@@ -29,7 +29,7 @@ import numpy as np
 
 from sqlm_jax.models.config import ModelConfig
 
-Layout = Any  # sqlm_jax.sharding.Layout (not imported: the model does not depend on it)
+Layout = Any  # sqlm_jax.scale.sharding.Layout (not imported: the model does not depend on it)
 
 Params = dict[str, Any]
 # {"k", "v": L tuples (one per layer) of blocks [B, K, S_b, D], "mask": [B, S] bool, "index": []},

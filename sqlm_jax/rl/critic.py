@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from sqlm_jax import sharding
+from sqlm_jax.scale import sharding
 from sqlm_jax.models import forward
 
 

@@ -30,7 +30,7 @@ WIDTH = 4
 # Well-formed completions' lengths, eos included: what a config's max_new_tokens needs.
 MAX_QUESTION_TOKENS = 2 * WIDTH + 2
 MAX_ANSWER_TOKENS = WIDTH + 2
-HELDOUT = "addition4"  # the held-out set in this format (sqlm_jax/datasets.py)
+HELDOUT = "addition4"  # the held-out set in this format (sqlm_jax/evals/datasets.py)
 
 DEFAULT_TOPIC = "Multi-digit addition"
 

@@ -32,7 +32,7 @@ from sqlm_jax.tasks.tiny_addition import (  # noqa: F401 (re-exported for config
 
 CHARS = "0123456789+-*=?"
 OPERATIONS = "+-*"
-HELDOUT = "arithmetic4"  # the held-out set in this format (sqlm_jax/datasets.py)
+HELDOUT = "arithmetic4"  # the held-out set in this format (sqlm_jax/evals/datasets.py)
 
 DEFAULT_TOPIC = "Multi-digit addition, subtraction and multiplication by one digit"
 

@@ -20,7 +20,7 @@ FAULTS = {
     # processes (as a code sandbox's timeouts can). The run must follow process 0's.
     "answers": """
 import dataclasses
-from sqlm_jax import roles
+from sqlm_jax.loop import roles
 make_task = roles.make_task
 def falsified(config):
   task, topic = make_task(config)
@@ -29,7 +29,7 @@ roles.make_task = falsified
 """,
     # It reports another tokenizers version, as a worker installed on another day would.
     "software": """
-from sqlm_jax import multihost
+from sqlm_jax.scale import multihost
 software = multihost.software
 multihost.software = lambda: dict(software(), tokenizers="0.0.1")
 """,

@@ -3,7 +3,7 @@
 import jax
 import numpy as np
 
-from sqlm_jax import checkpoints, roles, selfplay
+from sqlm_jax.loop import checkpoints, roles, selfplay
 from tests.test_selfplay import tiny_config
 
 

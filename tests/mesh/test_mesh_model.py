@@ -6,9 +6,10 @@ import jax
 import numpy as np
 import pytest
 
-from sqlm_jax import rl, sharding
+from sqlm_jax import rl
+from sqlm_jax.scale import sharding
 from sqlm_jax.models import forward, load_pretrained, read_config
-from sqlm_jax.sampling import Sampler
+from sqlm_jax.rollout.sampling import Sampler
 
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 4, 1), (1, 4, 2), (2, 2, 2)]
 

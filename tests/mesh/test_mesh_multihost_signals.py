@@ -9,7 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from sqlm_jax import roles, selfplay, sharding
+from sqlm_jax.loop import roles, selfplay
+from sqlm_jax.scale import sharding
 from tests.mesh import multihost
 from tests.test_selfplay import permissive_task, tiny_config
 

@@ -6,8 +6,10 @@ import re
 import jax
 import numpy as np
 
-from sqlm_jax import memory_plan, roles, rollout, sharding
-from sqlm_jax.tokenizer import load_tokenizer
+from sqlm_jax.loop import roles
+from sqlm_jax.rollout import decoding
+from sqlm_jax.scale import memory_plan, sharding
+from sqlm_jax.models.tokenizer import load_tokenizer
 from tests.test_selfplay import tiny_config
 
 FSDP8 = {"mesh.data": 1, "mesh.fsdp": 8, "rollout.dtype": "bfloat16", "rl.micro_batch_size": 8,
@@ -31,7 +33,7 @@ def test_mesh_rollout_copy_is_replicated_bfloat16_and_sized_as_planned(qwen2_dir
   solver = s.roles["solver"]
   assert solver.layout.mesh.shape == {"data": 1, "fsdp": 8, "tensor": 1}
   assert solver.rollout_layout.mesh.shape == {"data": 8, "fsdp": 1, "tensor": 1}
-  copy = rollout.weights(solver, state.params["solver"])
+  copy = decoding.weights(solver, state.params["solver"])
   device = jax.devices()[0]
   held = sum(shard.data.nbytes for leaf in jax.tree.leaves(copy)
              for shard in leaf.addressable_shards if shard.device == device)
@@ -50,7 +52,7 @@ def test_mesh_rollout_decode_loop_gathers_no_weights(qwen2_dir):
   config = tiny_config(qwen2_dir, **FSDP8)
   s, state = roles.setup(config)
   solver = s.roles["solver"]
-  copy = _abstract(rollout.weights(solver, state.params["solver"]))
+  copy = _abstract(decoding.weights(solver, state.params["solver"]))
   lowered = solver.sampler.lower(copy, 8, 16, 8, 4)
   decodes = [v for k, v in lowered.items() if k.startswith("decode")]
   assert decodes
@@ -58,7 +60,7 @@ def test_mesh_rollout_decode_loop_gathers_no_weights(qwen2_dir):
     bodies = _while_bodies(program.compile().as_text())
     assert bodies and not any("all-gather" in body for body in bodies)
   # The same sampler on the FSDP layout: the weights are gathered (hoisted or not).
-  from sqlm_jax.sampling import Sampler
+  from sqlm_jax.rollout.sampling import Sampler
   fsdp = Sampler(s.model_config, s.tokenizer.pad_id, s.tokenizer.stop_ids, layout=solver.layout)
   text = "".join(p.compile().as_text() for k, p in fsdp.lower(
       _abstract(state.params["solver"]), 8, 16, 8, 4).items() if k.startswith("decode"))
@@ -69,11 +71,11 @@ def test_mesh_rollout_chunked_over_the_mesh_gives_the_unchunked_tokens(qwen2_dir
   config = tiny_config(qwen2_dir, **{**FSDP8, "rollout.dtype": "float32"})
   s, state = roles.setup(config)
   solver = s.roles["solver"]
-  copy = rollout.weights(solver, state.params["solver"])
+  copy = decoding.weights(solver, state.params["solver"])
   prompts = [[5, 6, 7], [9, 3], [4], [8, 8, 8, 8], [2, 3], [7, 7], [6], [5, 5]]
   kwargs = dict(max_new_tokens=6, num_samples=4, temperature=1.0)
-  whole = rollout.sample(solver.sampler, copy, prompts, jax.random.key(2), **kwargs)
-  chunked = rollout.sample(solver.sampler, copy, prompts, jax.random.key(2), rows_per_call=8,
+  whole = decoding.sample(solver.sampler, copy, prompts, jax.random.key(2), **kwargs)
+  chunked = decoding.sample(solver.sampler, copy, prompts, jax.random.key(2), rows_per_call=8,
                            **kwargs)
   np.testing.assert_array_equal(whole.tokens, chunked.tokens)
 
@@ -88,7 +90,7 @@ def test_mesh_memory_plan_phases_are_the_compiled_programs(qwen2_dir):
   b = plan["bytes_per_device"]
   resident = b["params"] + b["optimizer"] + b["reference"]
   solver = s.roles["solver"]
-  copy = _abstract(rollout.weights(solver, state.params["solver"]))
+  copy = _abstract(decoding.weights(solver, state.params["solver"]))
   tokenizer = load_tokenizer(qwen2_dir)
   sampled = memory_plan.rollouts(config, tokenizer, s.task)
   programs = {}

@@ -11,11 +11,13 @@ import jax
 import numpy as np
 import pytest
 
-from sqlm_jax import evaluation, memory_plan, roles, selfplay, sharding
+from sqlm_jax.evals import evaluation
+from sqlm_jax.loop import roles, selfplay
+from sqlm_jax.scale import memory_plan, sharding
 from sqlm_jax.config_base import load_config
 from sqlm_jax.models import load_pretrained, read_config
-from sqlm_jax.sampling import Sampler
-from sqlm_jax.tokenizer import load_tokenizer
+from sqlm_jax.rollout.sampling import Sampler
+from sqlm_jax.models.tokenizer import load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The tiny default, cut to two quick steps; the held-out set is 64 addition4 problems.

@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from sqlm_jax import diversity
+from sqlm_jax.reward import diversity
 
 # The fields of the one-line console summary, in order, with their short labels.
 _CONSOLE = (("solver_reward", "solver_r"), ("proposer_reward", "proposer_r"),

@@ -27,12 +27,16 @@ import jax
 import ml_collections
 import numpy as np
 
-from sqlm_jax import (checkpoints, evaluation, memory_plan, metrics as metrics_lib, multihost, rl,
-                      rollout, scoring, sharding)
-from sqlm_jax.roles import ROLES, RunState, Setup, role_key, setup  # noqa: F401 (setup)
-from sqlm_jax.sampling import SampleOutput, bucket
+from sqlm_jax import rl
+from sqlm_jax.evals import evaluation
+from sqlm_jax.loop import checkpoints, metrics as metrics_lib
+from sqlm_jax.reward import scoring
+from sqlm_jax.rollout import decoding
+from sqlm_jax.scale import memory_plan, multihost, sharding
+from sqlm_jax.loop.roles import ROLES, RunState, Setup, role_key, setup  # noqa: F401 (setup)
+from sqlm_jax.rollout.sampling import SampleOutput, bucket
 from sqlm_jax.tasks.base import Proposal, Task
-from sqlm_jax.tokenizer import encode_chat
+from sqlm_jax.models.tokenizer import encode_chat
 
 # ---- Rollouts -> training batches -----------------------------------------------------------------
 
@@ -117,8 +121,8 @@ def decode(s: Setup, state: RunState, role: str, copies: dict, prompts, key: jax
   each parameter set's decoding copy for the step (both roles use one with shared weights)."""
   r = s.roles[role]
   if r.params_key not in copies:
-    copies[r.params_key] = rollout.weights(r, state.params[r.params_key])
-  return rollout.sample(r.sampler, copies[r.params_key], prompts, key,
+    copies[r.params_key] = decoding.weights(r, state.params[r.params_key])
+  return decoding.sample(r.sampler, copies[r.params_key], prompts, key,
                         rows_per_call=s.rows_per_call, **kwargs)
 
 
@@ -182,7 +186,7 @@ def train_step(s: Setup, state: RunState, key: jax.Array) -> tuple[RunState, dic
   # most one role's copy is held at a time, as the memory plan counts.
   proposer_key = s.roles["proposer"].params_key
   if proposer_key != s.roles["solver"].params_key and proposer_key in copies:
-    rollout.free(copies.pop(proposer_key))
+    decoding.free(copies.pop(proposer_key))
   times["propose"] = time.perf_counter() - t0
 
   # 2. Parse: proposals -> questions; the invalid are masked out of both losses. Host work
@@ -203,7 +207,7 @@ def train_step(s: Setup, state: RunState, key: jax.Array) -> tuple[RunState, dic
     answers_out = decode(s, state, "solver", copies, solver_prompts, jax.random.fold_in(key, 1),
                          max_new_tokens=c.rollout.max_answer_tokens, num_samples=n, **sampling)
   for copy in copies.values():
-    rollout.free(copy)
+    decoding.free(copy)
   times["solve"] = time.perf_counter() - t0
 
   # 4. Score: answers -> rewards (array code over [Q, N]), on process 0 alone and shared.
@@ -341,13 +345,13 @@ def _mean_metrics(steps: list[dict]) -> dict[str, float]:
 def evaluate(s: Setup, params, key) -> dict[str, float]:
   """The held-out evaluation of the solver's weights, decoded on its rollout layout."""
   solver = s.roles["solver"]
-  copy = rollout.weights(solver, params)
-  sample = functools.partial(rollout.sample, solver.sampler, rows_per_call=s.rows_per_call)
+  copy = decoding.weights(solver, params)
+  sample = functools.partial(decoding.sample, solver.sampler, rows_per_call=s.rows_per_call)
   try:
     return evaluation.run_heldout(s.config.eval, copy, sample, s.tokenizer, s.task, s.heldout,
                                   key, s.sandbox_pool)
   finally:
-    rollout.free(copy)
+    decoding.free(copy)
 
 
 def step_key(seed: int, step: int) -> jax.Array:
@@ -363,7 +367,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   finishes the current step, saves and returns a summary with "stopped": True. In a
   multi-process run every process runs this same loop on its share of the mesh, in a workdir
   they all see (checked first); process 0 decides whether and from where to resume, computes
-  the host-side results that shape each batch (sqlm_jax/multihost.py), and alone writes
+  the host-side results that shape each batch (sqlm_jax/scale/multihost.py), and alone writes
   (metrics, samples, exports, the dashboard).
   """
   from tqdm.auto import tqdm

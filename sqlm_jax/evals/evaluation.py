@@ -1,7 +1,7 @@
 """Held-out accuracy of the solver: greedy and majority-of-N, on sets with ground truth.
 
 Used every K steps by the self-play loop and standalone by `python -m sqlm_jax.evaluate`. The
-held-out sets (sqlm_jax/datasets.py) are generated from their own seed and never read by
+held-out sets (sqlm_jax/evals/datasets.py) are generated from their own seed and never read by
 training.
 """
 
@@ -12,12 +12,12 @@ from typing import Optional, Sequence
 import jax
 import numpy as np
 
-from sqlm_jax import rewards
-from sqlm_jax.datasets import HELDOUT_SETS, load_heldout
-from sqlm_jax.sampling import Sampler
+from sqlm_jax.reward import rewards
+from sqlm_jax.evals.datasets import HELDOUT_SETS, load_heldout
+from sqlm_jax.rollout.sampling import Sampler
 from sqlm_jax.tasks.base import Proposal, Task
 from sqlm_jax.tasks.math_answers import answer_ids
-from sqlm_jax.tokenizer import Tokenizer, encode_chat
+from sqlm_jax.models.tokenizer import Tokenizer, encode_chat
 
 
 def decode_rows(tokenizer: Tokenizer, out) -> list[str]:
@@ -95,7 +95,7 @@ def evaluate_humaneval(params, sampler: Sampler, tokenizer: Tokenizer, task: Tas
                        temperature: float = 1.0, max_new_tokens: int = 512,
                        batch_size: int = 64) -> dict[str, float]:
   """pass@1 (greedy) and pass@k (k = num_samples, sampled) of the solver, run in the sandbox."""
-  from sqlm_jax import humaneval
+  from sqlm_jax.evals import humaneval
 
   def completions(n, temp, sample_key):
     out = []
@@ -125,11 +125,11 @@ HELDOUT_NAMES = tuple(HELDOUT_SETS) + ("humaneval",)
 
 def load_examples(name: str, num_examples: int = 0, data_dir: Optional[str] = None,
                   split: str = "test") -> list[dict]:
-  """A held-out set by name: the tfds sets of sqlm_jax/datasets.py, or HumanEval's problems."""
+  """A held-out set by name: the tfds sets of sqlm_jax/evals/datasets.py, or HumanEval's problems."""
   if name == "humaneval":
     if split != "test":
       raise ValueError(f"humaneval has only a 'test' split, got split={split!r}")
-    from sqlm_jax import humaneval
+    from sqlm_jax.evals import humaneval
     examples = humaneval.load_problems()
   else:
     examples = load_heldout(name, data_dir or None, split)

@@ -23,7 +23,7 @@ from typing import Any, Optional
 import jax
 from etils import epath
 
-from sqlm_jax import multihost, sharding
+from sqlm_jax.scale import multihost, sharding
 from sqlm_jax.models import ModelConfig, save_pretrained
 
 # Files of a checkpoint folder that are not weights: copied so an export is self-contained.

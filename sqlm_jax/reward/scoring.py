@@ -12,8 +12,9 @@ from typing import Optional
 import jax
 import numpy as np
 
-from sqlm_jax import rewards, rl
-from sqlm_jax.sampling import bucket
+from sqlm_jax import rl
+from sqlm_jax.reward import rewards
+from sqlm_jax.rollout.sampling import bucket
 from sqlm_jax.tasks.base import Proposal
 from sqlm_jax.tasks import math_answers
 from sqlm_jax.tasks.math_answers import answer_ids

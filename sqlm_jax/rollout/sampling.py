@@ -24,10 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend.random import threefry2x32_p
 
-from sqlm_jax import sharding
+from sqlm_jax.scale import sharding
 from sqlm_jax.models import transformer
 from sqlm_jax.models.config import ModelConfig
-from sqlm_jax.sharding import Layout
+from sqlm_jax.scale.sharding import Layout
 
 
 @dataclasses.dataclass
@@ -293,7 +293,7 @@ class Sampler:
     self.config = config
     self.layout = layout or sharding.default_layout()
     # per_layer_params: the weights arrive split per layer (the decoding copy of
-    # sqlm_jax/rollout.py), which every backend's decode loop reads in place.
+    # sqlm_jax/rollout/decoding.py), which every backend's decode loop reads in place.
     params = sharding.param_shardings(self.layout, config, per_layer=per_layer_params)
     self._prefill = jax.jit(
         functools.partial(prefill, config=config, layout=self.layout),
@@ -331,7 +331,7 @@ class Sampler:
                top_k: int = 0, top_p: float = 1.0, first_row: int = 0,
                prompt_length: Optional[int] = None) -> SampleOutput:
     """first_row: the global index of this call's first row (row = prompt * N + sample), when
-    the call is one chunk of a bigger one (sqlm_jax/rollout.py): its rows then sample exactly
+    the call is one chunk of a bigger one (sqlm_jax/rollout/decoding.py): its rows then sample exactly
     the tokens (and, up to float rounding of a different batch size, the log-probs) that those
     rows of the bigger call would. It is traced: changing it never recompiles.
     prompt_length: pad prompts to this length (every chunk of a bigger call alike)."""

@@ -23,10 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sqlm_jax import sharding
+from sqlm_jax.scale import sharding
 from sqlm_jax.models import ModelConfig, transformer
-from sqlm_jax.sampling import SampleOutput, Sampler, bucket
-from sqlm_jax.sharding import Layout
+from sqlm_jax.rollout.sampling import SampleOutput, Sampler, bucket
+from sqlm_jax.scale.sharding import Layout
 
 
 def on_accelerator(config) -> bool:

@@ -28,9 +28,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sqlm_jax import rl, rollout, sharding
+from sqlm_jax import rl
+from sqlm_jax.rollout import decoding
+from sqlm_jax.scale import sharding
 from sqlm_jax.models import transformer
-from sqlm_jax.sampling import Sampler, bucket
+from sqlm_jax.rollout.sampling import Sampler, bucket
 from sqlm_jax.tasks.base import Proposal
 
 KEYS = ("params", "optimizer", "reference", "rollout_copy", "kv_cache", "activations")
@@ -68,7 +70,7 @@ def device_memory_bytes(config=None) -> Optional[int]:
 
 def prompt_lengths(config, tokenizer, task) -> tuple[int, int]:
   """Bucketed prompt lengths of the proposer and (for the longest question) the solver."""
-  from sqlm_jax.tokenizer import encode_chat
+  from sqlm_jax.models.tokenizer import encode_chat
   proposer = len(encode_chat(tokenizer, task.proposer_messages(config.task.topic or "topic")))
   solver = len(encode_chat(tokenizer, task.solver_messages(Proposal("?")))) - 1
   solver += config.rollout.max_proposal_tokens
@@ -153,7 +155,7 @@ def train_rows_and_length(config, sampled: dict, role: str) -> tuple[int, int]:
 
 def update_bytes(config, model_config, layout, optimizer, sampled: dict) -> int:
   """The donated update's compiled program bytes (params and optimizer state included)."""
-  from sqlm_jax.roles import apply_fn
+  from sqlm_jax.loop.roles import apply_fn
   shardings = sharding.param_shardings(layout, model_config)
   shapes = _shapes(model_config)
   opt_shapes = jax.eval_shape(optimizer.init, shapes)
@@ -213,12 +215,12 @@ def estimate_train(config, layout, model_config, rows: int, length: int) -> int:
 def memory_plan(config, model_config, layouts: dict, tokenizer, task,
                 compile_programs: bool = True) -> dict[str, Any]:
   """The plan as written to memory_plan.json (see the module docstring)."""
-  from sqlm_jax.roles import ROLES, role_key
+  from sqlm_jax.loop.roles import ROLES, role_key
   limit = device_memory_bytes(config)
   optimizer = rl.make_optimizer(config.rl)
   shapes = _shapes(model_config)
-  copy_config = rollout.model_config(config, model_config)
-  reference_dtype = rollout.resolve_dtype(config.rl.reference_dtype, config)
+  copy_config = decoding.model_config(config, model_config)
+  reference_dtype = decoding.resolve_dtype(config.rl.reference_dtype, config)
   sampled = rollouts(config, tokenizer, task)
   total_rows = max(p * n for p, n, _, _ in sampled.values())
 
@@ -256,9 +258,9 @@ def memory_plan(config, model_config, layouts: dict, tokenizer, task,
     out, how = [], "compiled" if compiled else "estimated"
     for layout, entry in per_layout.items():
       resident = entry["params"] + entry["optimizer"] + entry["reference"]
-      decode_layout = rollout.layout(layout, config.rollout.tensor)
+      decode_layout = decoding.layout(layout, config.rollout.tensor)
       copy_shardings = sharding.param_shardings(decode_layout, copy_config, per_layer=True)
-      copy_shapes = rollout.copy_shapes(copy_config)
+      copy_shapes = decoding.copy_shapes(copy_config)
       copy_bytes = sharding.bytes_per_device(copy_shapes, copy_shardings)
       sampler = Sampler(copy_config, pad_id=tokenizer.pad_id, stop_ids=tokenizer.stop_ids,
                         layout=decode_layout, per_layer_params=True)
@@ -267,7 +269,7 @@ def memory_plan(config, model_config, layouts: dict, tokenizer, task,
         if role not in sampled:
           continue
         prompts, samples, prompt_len, new = sampled[role]
-        rows = rollout.rows_in_call(prompts, samples, rows_per_call)
+        rows = decoding.rows_in_call(prompts, samples, rows_per_call)
         kv = max(kv, kv_cache_bytes(decode_layout, copy_config, rows, prompt_len + new))
         if compiled:
           got = rollout_bytes(sampler, _abstract(copy_shapes, copy_shardings), prompts, samples,
@@ -303,7 +305,7 @@ def memory_plan(config, model_config, layouts: dict, tokenizer, task,
   rows_per_call = int(config.rollout.rows_per_call)
   chosen = rows_per_call == 0 and limit is not None
   if chosen:
-    floor = 8 * max(rollout.layout(layout, config.rollout.tensor).batch_shards
+    floor = 8 * max(decoding.layout(layout, config.rollout.tensor).batch_shards
                     for layout in per_layout)
     rows_per_call = 1 << (max(1, total_rows) - 1).bit_length()
     while rows_per_call > floor and rollout_peak(phases_at(rows_per_call, False)[0]) > limit:

@@ -17,13 +17,17 @@ from typing import Any, Callable, Optional
 import jax
 import ml_collections
 
-from sqlm_jax import diversity, evaluation, memory_plan, rl, rollout, sharding
+from sqlm_jax import rl
+from sqlm_jax.evals import evaluation
+from sqlm_jax.reward import diversity
+from sqlm_jax.rollout import decoding
+from sqlm_jax.scale import memory_plan, sharding
 from sqlm_jax.models import ModelConfig, forward, load_pretrained, read_config, transformer
 from sqlm_jax.rl import critic
-from sqlm_jax.sampling import Sampler
+from sqlm_jax.rollout.sampling import Sampler
 from sqlm_jax.tasks import get_task
 from sqlm_jax.tasks.base import Task
-from sqlm_jax.tokenizer import Tokenizer, load_tokenizer
+from sqlm_jax.models.tokenizer import Tokenizer, load_tokenizer
 
 ROLES = ("solver", "proposer")
 
@@ -114,7 +118,7 @@ def recomputes_old_logprobs(config) -> bool:
   value = config.rl.recompute_old_logprobs
   if value is None:
     value = (config.model.dtype != "float32"
-             or rollout.resolve_dtype(config.rollout.dtype, config) != "float32")
+             or decoding.resolve_dtype(config.rollout.dtype, config) != "float32")
   return bool(value) or config.rollout.top_k > 0 or config.rollout.top_p < 1.0
 
 
@@ -199,7 +203,7 @@ def model_configs(config) -> tuple[ModelConfig, ModelConfig]:
   """The training model config and the decoding copy's (rollout.dtype weights)."""
   train = read_config(config.model.path, config.model.dtype, config.model.param_dtype,
                       remat=config.model.remat)
-  return train, rollout.model_config(config, train)
+  return train, decoding.model_config(config, train)
 
 
 def apply_fn(model_config: ModelConfig, layout: sharding.Layout, logprob_chunk: int = 0
@@ -235,12 +239,12 @@ def build_roles(config, model_config: ModelConfig, rollout_config: ModelConfig, 
         optimizer, shardings, jax.eval_shape(optimizer.init, _shapes(model_config)),
         layout.replicated)
     forward_fn = apply_fn(model_config, layout, config.rl.logprob_chunk)
-    decode_layout = rollout.layout(layout, config.rollout.tensor)
+    decode_layout = decoding.layout(layout, config.rollout.tensor)
     built[name] = Role(
         name=name, params_key=key, layout=layout, rollout_layout=decode_layout,
         sampler=Sampler(rollout_config, pad_id=tokenizer.pad_id, stop_ids=tokenizer.stop_ids,
                         layout=decode_layout, per_layer_params=True),
-        to_rollout=rollout.make_resharder(layout, decode_layout, model_config, rollout_config),
+        to_rollout=decoding.make_resharder(layout, decode_layout, model_config, rollout_config),
         logprob_fn=rl.make_logprob_fn(forward_fn, config.rl.temperature,
                                       config.rl.micro_batch_size, shardings,
                                       logprob_chunk=config.rl.logprob_chunk, layout=layout),
@@ -306,7 +310,7 @@ def setup(config: ml_collections.ConfigDict) -> tuple[Setup, RunState]:
     value_fn = rl.make_value_fn(critic_apply, config.rl.micro_batch_size, shardings)
   reference = {}
   if config.rl.kl_coef > 0:  # The frozen start in rl.reference_dtype, on each role's devices.
-    dtype = rollout.resolve_dtype(config.rl.reference_dtype, config)
+    dtype = decoding.resolve_dtype(config.rl.reference_dtype, config)
     for role in roles.values():
       same = next((r for r in reference if roles[r].layout == role.layout), None)
       reference[role.name] = reference[same] if same else load(role.layout, dtype)
