@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from sqlm_jax import rl
-from sqlm_jax.loop import roles, selfplay
+from sqlm_jax.loop import batches, roles, selfplay
 from sqlm_jax.reward import scoring
 from sqlm_jax.rollout import decoding
 from sqlm_jax.config_base import base_config
@@ -107,7 +107,7 @@ def test_masked_proposal_contributes_exactly_zero_gradient(qwen2_dir, permissive
   advantages = np.array([0.5, 3.0, -0.5, 0.0])
   apply_fn = roles.apply_fn(s.model_config, s.roles["proposer"].layout)
   grad_fn = jax.jit(rl.make_grad_fn(apply_fn, config.rl, config.rl.micro_batch_size))
-  batch = selfplay.training_batch(s, "proposer", out, 4, np.arange(4), advantages, weights,
+  batch = batches.training_batch(s, "proposer", out, 4, np.arange(4), advantages, weights,
                                   params)
   grads, _ = grad_fn(params, batch)
   out.tokens = out.tokens.copy()
@@ -115,7 +115,7 @@ def test_masked_proposal_contributes_exactly_zero_gradient(qwen2_dir, permissive
   out.tokens[1] = (out.tokens[1] + 7) % 100  # Rewrite the masked proposal entirely...
   out.logprobs[1] = -5.0
   advantages[1] = -40.0  # ...and its advantage.
-  batch2 = selfplay.training_batch(s, "proposer", out, 4, np.arange(4), advantages, weights,
+  batch2 = batches.training_batch(s, "proposer", out, 4, np.arange(4), advantages, weights,
                                    params)
   grads2, _ = grad_fn(params, batch2)
   for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads2)):

@@ -128,7 +128,7 @@ def rollout_bytes(sampler: Sampler, copy_shapes, num_prompts: int, samples: int,
 
 
 def train_batch_shapes(config, layout, rows: int, length: int) -> dict[str, Any]:
-  """An abstract mini-batch as `selfplay.training_batch` builds it, rows split over the mesh."""
+  """An abstract mini-batch as `batches.training_batch` builds it, rows split over the mesh."""
   gae = config.rl.advantage_estimator == "gae"
   spec = {"tokens": ((rows, length), np.int32), "attention_mask": ((rows, length), np.bool_),
           "loss_mask": ((rows, length), np.float32),

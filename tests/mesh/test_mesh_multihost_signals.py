@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from sqlm_jax.loop import roles, selfplay
+from sqlm_jax.loop import batches, roles, selfplay
 from sqlm_jax.scale import sharding
 from tests.mesh import multihost
 from tests.test_selfplay import permissive_task, tiny_config
@@ -72,7 +72,7 @@ def test_multihost_micro_batch_of_3_on_8_batch_shards_runs_padded(qwen2_dir, mon
   err = capsys.readouterr().err
   assert "rl.micro_batch_size=3 is not a multiple of the 8 batch shards" in err
   assert config.rl.micro_batch_size == 8
-  batch = selfplay.training_batch(s, "solver", *_rollout(s, state))
+  batch = batches.training_batch(s, "solver", *_rollout(s, state))
   assert batch["tokens"].shape[0] % 8 == 0
   assert batch["tokens"].sharding.spec[0] == ("data", "fsdp")  # Split, never replicated.
   before = np.asarray(state.params["solver"]["embed_tokens"])
