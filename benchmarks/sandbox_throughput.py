@@ -95,7 +95,7 @@ def main():
                                                  for i, o in TESTS],
   }
   print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs; workers={workers}; "
-        f"programs={args.programs}; bwrap={sandbox.BWRAP_PATH}; "
+        f"programs={args.programs}; bwrap={sandbox.isolation.BWRAP_PATH}; "
         f"load average {os.getloadavg()[0]:.1f}; sandbox memory: {sandbox.cgroup_mode()}")
   meter = CpuMeter()
   with sandbox.SandboxPool(workers) as pool, \

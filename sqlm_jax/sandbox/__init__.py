@@ -42,20 +42,20 @@ drop (when root), a new session, a fresh temporary cwd, a scrubbed environment a
 Modules, by layer: limits (Limits, RunResult), uids (per-run uids), cgroups (per-run cgroups),
 seccomp (the allowlist), isolation (bubblewrap's command line, check_available, describe),
 supervisor (the sandbox's pid 1), launch (one run), pool (SandboxPool), cli (`python -m`). The
-names below are re-exported; a setting such as BWRAP_PATH or UID_RANGE is changed in its module
-(sqlm_jax.sandbox.isolation.BWRAP_PATH, sqlm_jax.sandbox.uids.UID_RANGE), which reads it.
+names below are re-exported. The settings are not, so that setting one cannot silently miss:
+change them in the module that reads them (sqlm_jax.sandbox.isolation.BWRAP_PATH and
+UNSHARE_PATH, sqlm_jax.sandbox.uids.UID_RANGE and UID_BLOCK).
 """
 
 from sqlm_jax.sandbox.cgroups import cgroup_mode
 from sqlm_jax.sandbox.cli import main
-from sqlm_jax.sandbox.isolation import (BWRAP_PATH, PYTHON, UNSHARE_PATH, check_available,
-                                        describe)
+from sqlm_jax.sandbox.isolation import PYTHON, check_available, describe
 from sqlm_jax.sandbox.launch import run
 from sqlm_jax.sandbox.limits import (DEFAULT_LIMITS, STATUSES, Job, Limits, RunResult,
                                      outputs_match)
 from sqlm_jax.sandbox.pool import SandboxPool
-from sqlm_jax.sandbox.uids import UID_BLOCK, UID_RANGE, uid_range_conflicts
+from sqlm_jax.sandbox.uids import uid_range_conflicts
 
-__all__ = ["BWRAP_PATH", "DEFAULT_LIMITS", "Job", "Limits", "PYTHON", "RunResult", "STATUSES",
-           "SandboxPool", "UID_BLOCK", "UID_RANGE", "UNSHARE_PATH", "cgroup_mode",
-           "check_available", "describe", "main", "outputs_match", "run", "uid_range_conflicts"]
+__all__ = ["DEFAULT_LIMITS", "Job", "Limits", "PYTHON", "RunResult", "STATUSES", "SandboxPool",
+           "cgroup_mode", "check_available", "describe", "main", "outputs_match", "run",
+           "uid_range_conflicts"]
