@@ -24,7 +24,10 @@ runs nothing.
 
 Writes WORKDIR/results.csv (one row per run), WORKDIR/results.md (per arm: mean ± sd over
 seeds) and WORKDIR/sweep.png (held-out greedy accuracy and pseudo-label accuracy against step:
-per arm the mean over seeds, with a band from the lowest to the highest seed).
+per arm the mean over seeds, with a band from the lowest to the highest seed). The results cover
+every run planned in WORKDIR, by this call or an earlier one (WORKDIR/sweep_runs.json), so a
+sweep can be extended an arm at a time; a run folder that an earlier call planned with other
+settings is refused by name.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+RUNS_FILE = "sweep_runs.json"  # Every run planned in a sweep's folder, by any call.
 RESULT_FIELDS = ("seed", "base_accuracy", "final_accuracy", "gain", "pseudo_label_accuracy",
                  "wall_seconds")
 TAIL_STEPS = 10  # "final" pseudo-label accuracy: the mean over the run's last 10 steps
@@ -213,6 +217,31 @@ def plan(config_path: str, grids: Sequence[tuple[str, list[str]]], seeds: Sequen
   return runs
 
 
+def record_runs(runs: Sequence[Run], workdir: str) -> list[Run]:
+  """The runs earlier calls planned in `workdir`, then this call's, saved for the next call.
+
+  Raises SweepError where a run folder was planned before with another command line: its
+  results would mix two settings under one arm.
+  """
+  path = os.path.join(workdir, RUNS_FILE)
+  earlier = [Run(r["arm"], tuple(map(tuple, r["columns"])), r["seed"], r["workdir"],
+                 r["total_steps"], tuple(r["argv"]), tuple(r["heldout"]))
+             for r in _read_json(path) or []]
+  before = {run.workdir: run for run in earlier}
+  for run in runs:
+    old = before.get(run.workdir)
+    if old is not None and old.argv != run.argv:
+      raise SweepError(f"{run.workdir} was planned by an earlier sweep in {workdir} with other "
+                       f"settings ({shlex.join(old.argv)}); give the arm another name or use "
+                       "another --workdir.")
+  merged = list({run.workdir: run for run in [*earlier, *runs]}.values())
+  os.makedirs(workdir, exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    json.dump([dataclasses.asdict(run) for run in merged], f, indent=1)
+  os.replace(path + ".tmp", path)
+  return merged
+
+
 def prepare_heldout(runs: Sequence[Run]) -> None:
   """Prepares each held-out set once here: runs preparing the same one at once would race."""
   from sqlm_jax.evals import datasets
@@ -309,7 +338,7 @@ def _tail_mean(run: Run, key: str, steps: int = TAIL_STEPS) -> Optional[float]:
 
 
 def write_csv(runs: Sequence[Run], path: str) -> list[dict]:
-  keys = list(dict(runs[0].columns)) if runs else []
+  keys = list(dict.fromkeys(key for run in runs for key, _ in run.columns))
   rows = [run_result(run) for run in runs]
   with open(path, "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=[*keys, *RESULT_FIELDS])
@@ -422,16 +451,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for run in runs:
       print(shlex.join(run.command()))
     return 0
-  finished = sum(is_finished(run) for run in runs)
+  try:
+    recorded = record_runs(runs, args.workdir)
+  except SweepError as error:
+    print(f"Sweep error: {error}", file=sys.stderr)
+    return 2
   if args.report:
-    write_results(runs, args.workdir)
-    print(f"results of {finished} finished runs of {len(runs)}: "
+    finished = sum(is_finished(run) for run in recorded)
+    write_results(recorded, args.workdir)
+    print(f"results of {finished} finished runs of {len(recorded)}: "
           f"{os.path.join(args.workdir, 'results.csv')}, results.md, sweep.png")
     return 0
+  finished = sum(is_finished(run) for run in runs)
   print(f"{len(runs)} runs ({finished} already finished) in {args.workdir}", flush=True)
   prepare_heldout(runs)
   failed = execute_all(runs, args.parallel, progress_bar=not args.no_progress_bar)
-  write_results(runs, args.workdir)
+  write_results(recorded, args.workdir)
   print(f"results: {os.path.join(args.workdir, 'results.csv')}, results.md, sweep.png")
   if failed:
     print(f"{len(failed)} runs failed: " + ", ".join(run.workdir for run in failed),

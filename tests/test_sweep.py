@@ -164,6 +164,35 @@ def test_report_writes_the_results_so_far_and_runs_nothing(tmp_path, monkeypatch
   assert "| frozen | 1 | 0.500 | 0.750 | +25.0 |" in (workdir / "results.md").read_text()
 
 
+def _finish(run, final):
+  os.makedirs(run.workdir, exist_ok=True)
+  with open(os.path.join(run.workdir, "summary.json"), "w") as f:
+    json.dump({"steps": run.total_steps, "base_accuracy": 0.5, "final_accuracy": final}, f)
+
+
+def test_a_sweep_extended_an_arm_at_a_time_reports_every_arm(tmp_path, monkeypatch, capsys):
+  """A later call with other arms adds rows; it does not drop the earlier arms' results."""
+  workdir = str(tmp_path / "sweep")
+  monkeypatch.setattr(sweep, "execute", lambda run: _finish(run, 0.75) or 0)
+  common = ["--config", TINY, "--workdir", workdir, "--seeds", "0", "--no_progress_bar"]
+  assert sweep.main([*common, "--arm", "full:"]) == 0
+  monkeypatch.setattr(sweep, "execute", lambda run: _finish(run, 0.625) or 0)
+  assert sweep.main([*common, "--arm", "frozen:proposer_update_every=1000000",
+                     "--grid", "rl.learning_rate=1e-4"]) == 0
+  with open(os.path.join(workdir, "results.csv")) as f:
+    rows = list(csv.DictReader(f))
+  assert [(r["arm"], r["rl.learning_rate"], r["gain"]) for r in rows] == [
+      ("full", "", "0.25"), ("frozen", "1e-4", "0.125")]
+  table = open(os.path.join(workdir, "results.md")).read()
+  assert "| full | 1 |" in table and "| frozen,rl.learning_rate=1e-4 | 1 |" in table
+  # The same arm name with other settings would mix two settings in one row: refused by name.
+  capsys.readouterr()
+  assert sweep.main([*common, "--arm", "full:rl.learning_rate=3e-5"]) == 2
+  error = capsys.readouterr().err
+  assert os.path.join(workdir, "full", "seed0") in error and "other settings" in error
+  assert sweep.main([*common, "--arm", "full:", "--report"]) == 0  # The same settings: fine.
+
+
 def test_results_table_is_mean_and_sd_over_seeds(tmp_path):
   runs = sweep.plan(TINY, [("rl.learning_rate", ["1e-4", "3e-5"])], [0, 1, 2], [], str(tmp_path))
   rows = [{"seed": r.seed, "base_accuracy": 0.7, "final_accuracy": f, "gain": f - 0.7,
