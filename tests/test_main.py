@@ -41,8 +41,8 @@ def test_main_runs_steps_and_writes_metrics(qwen2_dir, tmp_path, config, extra):
               "pseudo_label_accuracy", "learning_rate"):
     assert key in step1, key
   assert "heldout/greedy_accuracy" in step2
-  if step2["num_questions"]:  # Mini-batches of 4 answers: two questions' 2 answers each.
-    assert step2["solver/optimizer_steps"] == -(-2 * step2["num_questions"] // 4)
+  if step2["num_questions"]:  # Mini-batches of 4 of the questions' 3 answers each.
+    assert step2["solver/optimizer_steps"] == -(-3 * step2["num_questions"] // 4)
     assert step2["solver/learning_rate"] == step2["learning_rate"]
   if step2["valid_proposal_rate"] > 0:  # The proposer's turn (every 2 steps), after the solver.
     assert step2["proposer/optimizer_steps"] == 1
