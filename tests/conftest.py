@@ -11,7 +11,18 @@ from tests import tiny  # noqa: E402
 
 
 def pytest_configure(config):
-  config.addinivalue_line("markers", "slow: takes minutes (CI runs it; -m 'not slow' skips it)")
+  config.addinivalue_line("markers", "slow: takes minutes; a run without -m leaves it out, "
+                          "CI runs it as its own step (-m slow)")
+
+
+def pytest_collection_modifyitems(config, items):
+  """Without -m, slow tests are deselected (not skipped), so the README's command stays quick."""
+  if config.getoption("markexpr"):
+    return
+  slow = [item for item in items if item.get_closest_marker("slow")]
+  if slow:
+    config.hook.pytest_deselected(items=slow)
+    items[:] = [item for item in items if not item.get_closest_marker("slow")]
 
 
 @pytest.fixture(scope="session")

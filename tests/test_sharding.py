@@ -49,9 +49,13 @@ def test_rules_overrides_from_the_config():
 
 MESH_FILES = sorted(f for f in os.listdir(os.path.join(ROOT, "tests", "mesh"))
                     if f.startswith("test_") and f.endswith(".py"))
+# Minutes on 2 cores: seven two- and one-process runs (kill, rerun, resume on one process).
+SLOW_MESH_FILES = {"test_mesh_multihost_resume.py"}
 
 
-@pytest.mark.parametrize("name", MESH_FILES)
+@pytest.mark.parametrize("name", [
+    pytest.param(name, marks=[pytest.mark.slow] if name in SLOW_MESH_FILES else [])
+    for name in MESH_FILES])
 def test_mesh_suite_on_8_fake_devices(name):
   """tests/mesh/: forward, sampling and updates on five meshes, split roles, two processes.
 

@@ -258,6 +258,7 @@ def test_tiny_sweep_writes_results_and_a_rerun_skips_finished_runs(tmp_path, cap
     assert info["attempts"] == 1 and info["returncode"] == 0
 
 
+@pytest.mark.slow  # Five whole runs one after another: minutes on 2 cores.
 def test_the_arithmetic_controls_run_on_their_config(tmp_path, capsys):
   """The named controls of docs/results.md, on configs/tiny_arithmetic.py, each one short run."""
   workdir = tmp_path / "arith"

@@ -5,6 +5,7 @@ import re
 
 import jax
 import numpy as np
+import pytest
 
 from sqlm_jax.loop import roles
 from sqlm_jax.rollout import decoding
@@ -14,6 +15,18 @@ from tests.test_selfplay import tiny_config
 
 FSDP8 = {"mesh.data": 1, "mesh.fsdp": 8, "rollout.dtype": "bfloat16", "rl.micro_batch_size": 8,
          "rollout.prompts_per_step": 2, "rollout.proposals_per_prompt": 4}
+# FSDP8 with a device limit (the plan then measures the compiled programs) and a KL term (a
+# reference copy in the plan): neither changes the decoding copy or its programs.
+PLANNED = {**FSDP8, "mesh.device_memory_gib": 4.0, "rl.kl_coef": 1e-3}
+
+
+@pytest.fixture(scope="module")
+def planned(qwen2_dir):
+  """One setup on the PLANNED config for the tests that only read it (each setup traces and
+  compiles both roles' programs on 8 devices)."""
+  config = tiny_config(qwen2_dir, **PLANNED)
+  s, state = roles.setup(config)
+  return config, s, state
 
 
 def _abstract(tree):
@@ -27,9 +40,8 @@ def _while_bodies(hlo: str) -> list[str]:
   return [b for b in blocks if any(re.match(rf"%?{re.escape(n)}\b", b) for n in names)]
 
 
-def test_mesh_rollout_copy_is_replicated_bfloat16_and_sized_as_planned(qwen2_dir):
-  config = tiny_config(qwen2_dir, **FSDP8)
-  s, state = roles.setup(config)
+def test_mesh_rollout_copy_is_replicated_bfloat16_and_sized_as_planned(planned):
+  config, s, state = planned
   solver = s.roles["solver"]
   assert solver.layout.mesh.shape == {"data": 1, "fsdp": 8, "tensor": 1}
   assert solver.rollout_layout.mesh.shape == {"data": 8, "fsdp": 1, "tensor": 1}
@@ -46,11 +58,10 @@ def test_mesh_rollout_copy_is_replicated_bfloat16_and_sized_as_planned(qwen2_dir
   assert training < held  # FSDP: an eighth of the float32 weights (norms replicated).
 
 
-def test_mesh_rollout_decode_loop_gathers_no_weights(qwen2_dir):
+def test_mesh_rollout_decode_loop_gathers_no_weights(planned):
   """With rollout.tensor=1 the decode loop's body holds no all-gather; on the training (FSDP)
   layout the same program gathers the weights (so the check can fail)."""
-  config = tiny_config(qwen2_dir, **FSDP8)
-  s, state = roles.setup(config)
+  _, s, state = planned
   solver = s.roles["solver"]
   copy = _abstract(decoding.weights(solver, state.params["solver"]))
   lowered = solver.sampler.lower(copy, 8, 16, 8, 4)
@@ -80,11 +91,9 @@ def test_mesh_rollout_chunked_over_the_mesh_gives_the_unchunked_tokens(qwen2_dir
   np.testing.assert_array_equal(whole.tokens, chunked.tokens)
 
 
-def test_mesh_memory_plan_phases_are_the_compiled_programs(qwen2_dir):
+def test_mesh_memory_plan_phases_are_the_compiled_programs(qwen2_dir, planned):
   """The plan's phases: resident state + the run's own compiled prefill, decode and update."""
-  config = tiny_config(qwen2_dir, **{**FSDP8, "mesh.device_memory_gib": 4.0,
-                                     "rl.kl_coef": 1e-3})
-  s, state = roles.setup(config)
+  config, s, state = planned
   plan = s.memory_plan
   assert plan["fits"] is True and plan["activations_measured"] == "compiled"
   b = plan["bytes_per_device"]
