@@ -131,7 +131,7 @@ def test_pass_matrix_default_width_and_errors():
     coding.pass_matrix(proposals, [[SUM]], RecordingPool())
 
 
-@pytest.mark.skipif(sandbox.isolation._bwrap_problem(sandbox.BWRAP_PATH) is not None,
+@pytest.mark.skipif(sandbox.isolation._bwrap_problem(sandbox.isolation.BWRAP_PATH) is not None,
                     reason="bubblewrap missing: apt-get install bubblewrap")
 def test_pass_matrix_in_the_sandbox_from_completions():
   proposals = [coding.TASK.parse_proposal(SUM_PROPOSAL), coding.TASK.parse_proposal(MAX_PROPOSAL),

@@ -13,7 +13,7 @@ from sqlm_jax import sandbox
 from sqlm_jax.evals import humaneval
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-needs_bwrap = pytest.mark.skipif(sandbox.isolation._bwrap_problem(sandbox.BWRAP_PATH) is not None,
+needs_bwrap = pytest.mark.skipif(sandbox.isolation._bwrap_problem(sandbox.isolation.BWRAP_PATH) is not None,
                                  reason="bubblewrap missing: apt-get install bubblewrap")
 
 

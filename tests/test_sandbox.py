@@ -23,7 +23,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 FAST = sandbox.Limits(timeout_s=1.5)
 
 pytestmark = pytest.mark.skipif(
-    sandbox.isolation._bwrap_problem(sandbox.BWRAP_PATH) is not None,
+    sandbox.isolation._bwrap_problem(sandbox.isolation.BWRAP_PATH) is not None,
     reason="bubblewrap missing: apt-get install bubblewrap")
 
 
