@@ -101,6 +101,7 @@ def killed(tmp_path_factory, env, uninterrupted):
   return workdir, before, out
 
 
+@pytest.mark.slow  # Two more whole runs (killed, then resumed): CI's slow step.
 def test_killed_run_resumes_to_the_same_bytes_and_metrics(uninterrupted, killed, tmp_path):
   workdir, before, out = killed
   assert "2" in before and "Resumed from" in out
@@ -119,6 +120,7 @@ def test_killed_run_resumes_to_the_same_bytes_and_metrics(uninterrupted, killed,
   assert sorted(os.listdir(workdir / "checkpoints")) == ["4", "6"]  # checkpoint.keep=2
 
 
+@pytest.mark.slow  # Reads the killed-and-resumed run above.
 def test_export_loads_in_transformers_and_passes_check_parity(killed, tmp_path):
   from sqlm_jax import check_parity
   workdir, _, _ = killed
@@ -137,6 +139,7 @@ def test_export_loads_in_transformers_and_passes_check_parity(killed, tmp_path):
   assert missing.returncode == 2 and "saved steps: 4, 6" in missing.stderr
 
 
+@pytest.mark.slow  # A signalled run and its rerun: CI's slow step.
 def test_sigterm_stops_cleanly_and_the_rerun_continues(uninterrupted, env, tmp_path):
   workdir = tmp_path / "stopped"
   returncode, seconds, output = _interrupt_after_step(workdir, env, 3, signal.SIGTERM)

@@ -26,9 +26,11 @@ def run_main(*args, timeout=600):
 
 @pytest.mark.parametrize("config,extra", [
     ("configs/arithmetic.py", []),
-    ("configs/algebra.py", []),
-    ("configs/arithmetic.py", ["--config.task.name=generic", "--config.task.proposal_format=tagged",
-                               "--config.task.topic=Probability of dice rolls"]),
+    # The other paper configs run the same loop end to end: CI's slow step.
+    pytest.param("configs/algebra.py", [], marks=pytest.mark.slow),
+    pytest.param("configs/arithmetic.py", [
+        "--config.task.name=generic", "--config.task.proposal_format=tagged",
+        "--config.task.topic=Probability of dice rolls"], marks=pytest.mark.slow),
     ("configs/coding.py", []),  # Programs run in the sandbox; evaluated on HumanEval.
 ])
 def test_main_runs_steps_and_writes_metrics(qwen2_dir, tmp_path, config, extra):

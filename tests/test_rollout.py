@@ -95,6 +95,7 @@ def test_memory_plan_chooses_rows_per_call_and_names_the_knobs(qwen2_dir, tmp_pa
   assert "DOES NOT FIT" in out
 
 
+@pytest.mark.slow  # Two whole runs: CI's slow step.
 def test_rollout_compile_cache_serves_a_second_run(qwen2_dir, tmp_path):
   """Two processes run the same step with one cache folder: the second compiles nothing new."""
   script = f"""

@@ -49,15 +49,16 @@ def test_rules_overrides_from_the_config():
 
 MESH_FILES = sorted(f for f in os.listdir(os.path.join(ROOT, "tests", "mesh"))
                     if f.startswith("test_") and f.endswith(".py"))
-# Minutes on 2 cores: seven two- and one-process runs (kill, rerun, resume on one process).
-SLOW_MESH_FILES = {"test_mesh_multihost_resume.py"}
+# Two-process runs that are killed, signalled or refused and rerun: a minute or more each on 2
+# cores, end-to-end checks that CI runs in its slow step.
+SLOW_MESH_FILES = {"test_mesh_multihost_resume.py", "test_mesh_multihost_signals.py"}
 
 
 @pytest.mark.parametrize("name", [
     pytest.param(name, marks=[pytest.mark.slow] if name in SLOW_MESH_FILES else [])
     for name in MESH_FILES])
 def test_mesh_suite_on_8_fake_devices(name):
-  """tests/mesh/: forward, sampling and updates on five meshes, split roles, two processes.
+  """tests/mesh/: forward, sampling and updates on four meshes, split roles, two processes.
 
   One subprocess per file, so that `pytest -n` runs them side by side."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")

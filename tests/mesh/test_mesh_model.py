@@ -11,7 +11,9 @@ from sqlm_jax.scale import sharding
 from sqlm_jax.models import forward, load_pretrained, read_config
 from sqlm_jax.rollout.sampling import Sampler
 
-MESHES = [(8, 1, 1), (1, 8, 1), (2, 4, 1), (1, 4, 2), (2, 2, 2)]
+# data alone, fsdp alone, fsdp x tensor, and all three axes together (2 x 2 x 2 also splits
+# rows over data x fsdp, as 2 x 4 x 1 would).
+MESHES = [(8, 1, 1), (1, 8, 1), (1, 4, 2), (2, 2, 2)]
 
 
 def test_mesh_has_8_devices():
