@@ -15,14 +15,22 @@ def pytest_configure(config):
                           "CI runs it as its own step (-m slow)")
 
 
+# The default run's longest tests (a minute or more each on 2 cores). Started first, they share
+# the two workers with the short ones instead of running alone at the end; each is independent
+# of the tests around it (no module fixtures), so moving it changes nothing it checks.
+LONG_FIRST = ("tests/test_sharding.py::test_mesh_suite_on_8_fake_devices",
+              "tests/test_rollout.py::test_memory_plan_chooses_rows_per_call_and_names_the_knobs")
+
+
 def pytest_collection_modifyitems(config, items):
-  """Without -m, slow tests are deselected (not skipped), so the README's command stays quick."""
-  if config.getoption("markexpr"):
-    return
-  slow = [item for item in items if item.get_closest_marker("slow")]
-  if slow:
-    config.hook.pytest_deselected(items=slow)
-    items[:] = [item for item in items if not item.get_closest_marker("slow")]
+  """Without -m, slow tests are deselected (not skipped), so the README's command stays quick;
+  the longest of the rest go first."""
+  if not config.getoption("markexpr"):
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+      config.hook.pytest_deselected(items=slow)
+      items[:] = [item for item in items if not item.get_closest_marker("slow")]
+  items.sort(key=lambda item: not item.nodeid.startswith(LONG_FIRST))  # Stable: order kept.
 
 
 @pytest.fixture(scope="session")
