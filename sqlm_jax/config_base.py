@@ -12,6 +12,8 @@ import ml_collections
 from sqlm_jax import rl
 from sqlm_jax.scale import sharding
 
+# The repository's configs/ folder (present in a source checkout, the way the README installs).
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 REQUIRED = "__required__"  # Placeholder for fields the user must set (checked before any compile).
 DEFAULT_COMPILE_CACHE = os.path.join(
     os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
@@ -238,8 +240,7 @@ def load_config(name_or_path: str) -> ml_collections.ConfigDict:
   import os
   path = name_or_path
   if not os.path.isfile(path):
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = os.path.join(repo, "configs", f"{name_or_path}.py")
+    path = os.path.join(CONFIGS_DIR, f"{name_or_path}.py")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"No config {name_or_path!r}: pass a config file path or the name of "
                             f"a file in {os.path.dirname(path)}.")

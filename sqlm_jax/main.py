@@ -375,9 +375,9 @@ def _check_config_file(argv) -> None:
   path = (value or "").split(":")[0]
   if value is None or os.path.isfile(path):
     return
-  repo_configs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-  names = sorted(f for f in os.listdir(repo_configs) if f.endswith(".py")) if os.path.isdir(
-      repo_configs) else []
+  configs = config_base.CONFIGS_DIR
+  names = sorted(f for f in os.listdir(configs) if f.endswith(".py")) if os.path.isdir(
+      configs) else []
   print(f"Config error: --config={value}: no such file {path!r}"
         + (f"; the repository's configs are configs/{{{','.join(names)}}}" if names else "")
         + ".", file=sys.stderr)
