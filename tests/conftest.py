@@ -19,7 +19,7 @@ def pytest_configure(config):
 # the two workers with the short ones instead of running alone at the end; each is independent
 # of the tests around it (no module fixtures), so moving it changes nothing it checks.
 LONG_FIRST = ("tests/test_sharding.py::test_mesh_suite_on_8_fake_devices",
-              "tests/test_rollout.py::test_memory_plan_chooses_rows_per_call_and_names_the_knobs")
+              "tests/test_selfplay.py::test_selfplay_steps_end_to_end")
 
 
 def pytest_collection_modifyitems(config, items):

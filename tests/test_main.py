@@ -24,14 +24,15 @@ def run_main(*args, timeout=600):
                         capture_output=True, text=True, timeout=timeout)
 
 
+# The paper configs run end to end in CI's slow step (the CPU default's run is in the default
+# run's tests/test_checkpoints.py and tests/test_notebook.py).
 @pytest.mark.parametrize("config,extra", [
-    ("configs/arithmetic.py", []),
-    # The other paper configs run the same loop end to end: CI's slow step.
+    pytest.param("configs/arithmetic.py", [], marks=pytest.mark.slow),
     pytest.param("configs/algebra.py", [], marks=pytest.mark.slow),
     pytest.param("configs/arithmetic.py", [
         "--config.task.name=generic", "--config.task.proposal_format=tagged",
         "--config.task.topic=Probability of dice rolls"], marks=pytest.mark.slow),
-    ("configs/coding.py", []),  # Programs run in the sandbox; evaluated on HumanEval.
+    pytest.param("configs/coding.py", [], marks=pytest.mark.slow),  # Sandbox; HumanEval.
 ])
 def test_main_runs_steps_and_writes_metrics(qwen2_dir, tmp_path, config, extra):
   result = run_main("--config", config, f"--config.model.path={qwen2_dir}",

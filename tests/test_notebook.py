@@ -9,7 +9,8 @@ from nbclient import NotebookClient
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("config", ["tiny", "tiny_arithmetic"])
+# The second topic's notebook run is CI's slow step.
+@pytest.mark.parametrize("config", ["tiny", pytest.param("tiny_arithmetic", marks=pytest.mark.slow)])
 def test_quickstart_notebook_runs(tmp_path, config):
   notebook = nbformat.read(os.path.join(ROOT, "notebooks", "quickstart.ipynb"), as_version=4)
   params = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])]

@@ -192,6 +192,7 @@ def _small_run(out, *extra):
                              "--dev_examples", "10", "--eval_every", "10", *extra])
 
 
+@pytest.mark.slow  # Three pretraining runs: CI's slow step.
 def test_stop_at_dev_keeps_the_first_evaluation_in_the_band_and_runs_are_deterministic(tmp_path):
   # An untrained model answers no dev problem: 0 is in [0, 0.05] at the first evaluation.
   first = _small_run(tmp_path / "a", "--stop_at_dev", "0,0.05")

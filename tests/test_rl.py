@@ -615,7 +615,8 @@ def _tiny_model_batch(params, apply, cfg, rows=4, length=11, vocab=96):
               sample_weight=np.array([1, 1, 0, 1], np.float32))
 
 
-@pytest.mark.parametrize("tie", [False, True])
+# Tied embeddings: CI's slow step.
+@pytest.mark.parametrize("tie", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_memory_plan_chunked_logprobs_equal_unchunked(tie):
   params, logits_apply, hidden_apply = _tiny_model(tie=tie)
   batch = _tiny_model_batch(params, logits_apply, _cfg())
@@ -642,7 +643,9 @@ def test_memory_plan_chunked_logprobs_equal_unchunked(tie):
 _CHUNK_TEST_RL = dict(kl_coef=0.1, temperature=0.7, loss_agg="token_mean")
 
 
-@pytest.mark.parametrize("tie, chunks", [(False, (3, 16)), (True, (8, 11))])
+# Tied embeddings with other chunk sizes: CI's slow step.
+@pytest.mark.parametrize("tie, chunks", [(False, (3, 16)),
+                                         pytest.param(True, (8, 11), marks=pytest.mark.slow)])
 def test_memory_plan_chunked_gradients_equal_unchunked(tie, chunks):
   params, logits_apply, hidden_apply = _tiny_model(tie=tie)
   batch = _tiny_model_batch(params, logits_apply, _cfg(**_CHUNK_TEST_RL))

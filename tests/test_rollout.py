@@ -21,7 +21,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18], [20], [3, 4, 5], [30, 31]]
 
 
-@pytest.mark.parametrize("rows_per_call", [4, 8, 2])
+# Other divisors of the rows are CI's slow step.
+@pytest.mark.parametrize("rows_per_call", [4, pytest.param(8, marks=pytest.mark.slow),
+                                           pytest.param(2, marks=pytest.mark.slow)])
 def test_rollout_chunked_sampling_gives_the_unchunked_tokens(qwen2_dir, rows_per_call):
   """Prompt groups (rows_per_call >= N) and one prompt's samples split (rows_per_call < N)."""
   config, params = load_pretrained(qwen2_dir)
@@ -72,9 +74,20 @@ def _dry_run(folder, workdir, *args):
   return json.load(open(os.path.join(workdir, "memory_plan.json"))), result.stdout
 
 
-def test_memory_plan_chooses_rows_per_call_and_names_the_knobs(qwen2_dir, tmp_path):
+def test_memory_plan_below_the_resident_state_names_the_knobs_in_order(qwen2_dir, tmp_path):
+  """Below the resident state nothing fits: the dry run says so and names the knobs in order."""
+  small, out = _dry_run(qwen2_dir, tmp_path / "small", "--config.mesh.device_memory_gib=0.0001")
+  assert small["fits"] is False
+  assert ("rollout.rows_per_call" in small["advice"]
+          and small["advice"].index("rollout.rows_per_call") < small["advice"].index("mesh.fsdp")
+          < small["advice"].index("model.param_dtype"))
+  assert "DOES NOT FIT" in out
+
+
+@pytest.mark.slow  # Two dry runs that compile every phase, the second several times: CI's slow step.
+def test_memory_plan_chooses_rows_per_call(qwen2_dir, tmp_path):
   """With a device memory to meet, the plan compiles the phases and halves the rows per call
-  until they fit; below the resident state nothing fits and the knobs are named in order."""
+  until they fit."""
   roomy, _ = _dry_run(qwen2_dir, tmp_path / "roomy", "--config.mesh.device_memory_gib=8")
   assert roomy["fits"] is True and roomy["rows_per_call"] == 0  # Every row in one call.
   assert roomy["activations_measured"] == "compiled"
@@ -87,12 +100,6 @@ def test_memory_plan_chooses_rows_per_call_and_names_the_knobs(qwen2_dir, tmp_pa
   tight, _ = _dry_run(qwen2_dir, tmp_path / "tight", f"--config.mesh.device_memory_gib={budget}")
   assert tight["rows_per_call"] > 0 and tight["rows_per_call"] & (tight["rows_per_call"] - 1) == 0
   assert tight["phases"]["decode"] < decode
-  small, out = _dry_run(qwen2_dir, tmp_path / "small", "--config.mesh.device_memory_gib=0.0001")
-  assert small["fits"] is False
-  assert ("rollout.rows_per_call" in small["advice"]
-          and small["advice"].index("rollout.rows_per_call") < small["advice"].index("mesh.fsdp")
-          < small["advice"].index("model.param_dtype"))
-  assert "DOES NOT FIT" in out
 
 
 @pytest.mark.slow  # Two whole runs: CI's slow step.

@@ -206,6 +206,7 @@ def test_rollout_chunked_calls_sample_the_rows_of_one_call(qwen2_dir):
   assert not np.array_equal(shifted.tokens, whole.tokens)
 
 
+@pytest.mark.slow  # Five cache layouts compiled: CI's slow step.
 def test_rollout_segmented_decoding_matches_one_block(qwen2_dir):
   """Answers of 256 tokens in four blocks (four decode loops) give the tokens, lengths and
   log-probs of one loop over one block, rows stopping in different blocks."""

@@ -145,6 +145,7 @@ def test_shared_weights_update_one_pytree_with_both_roles(qwen2_dir, permissive)
                                                                   jax.tree.leaves(after)))
 
 
+@pytest.mark.slow  # Four steps of separate roles: CI's slow step.
 def test_separate_roles_proposer_waits_for_its_cadence(qwen2_dir, permissive):
   config = tiny_config(qwen2_dir, proposer_update_every=2, **{"rl.lr_schedule": "cosine"})
   s, state = selfplay.setup(config)
@@ -261,6 +262,7 @@ def test_update_plan_orders_roles_and_mini_batches():
       ("proposer", ("proposer",), (p0,)), ("proposer", ("proposer",), (p0,))]
 
 
+@pytest.mark.slow  # A run with a value model: CI's slow step.
 def test_sequential_mini_batches_with_a_value_model(qwen2_dir, permissive):
   """Shared weights, sequential: the solver's mini-batches then the proposer's, each one
   optimizer step; GAE advantages from the value model, which takes the same steps."""

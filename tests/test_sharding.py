@@ -49,21 +49,28 @@ def test_rules_overrides_from_the_config():
 
 MESH_FILES = sorted(f for f in os.listdir(os.path.join(ROOT, "tests", "mesh"))
                     if f.startswith("test_") and f.endswith(".py"))
-# Two-process runs that are killed, signalled or refused and rerun: a minute or more each on 2
-# cores, end-to-end checks that CI runs in its slow step.
-SLOW_MESH_FILES = {"test_mesh_multihost_resume.py", "test_mesh_multihost_signals.py"}
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(name, marks=[pytest.mark.slow] if name in SLOW_MESH_FILES else [])
-    for name in MESH_FILES])
-def test_mesh_suite_on_8_fake_devices(name):
-  """tests/mesh/: forward, sampling and updates on four meshes, split roles, two processes.
+def _mesh_runs():
+  """One subprocess per file and marker: the file's fast tests in the default run, its tests
+  marked slow (two-process runs, kill-and-resume, extra meshes) in CI's slow step."""
+  for name in MESH_FILES:
+    text = open(os.path.join(ROOT, "tests", "mesh", name)).read()
+    whole_file_slow = "pytestmark = pytest.mark.slow" in text
+    if not whole_file_slow:
+      yield pytest.param(name, "not slow", id=name)
+    if whole_file_slow or "pytest.mark.slow" in text:
+      yield pytest.param(name, "slow", id=f"{name}-slow", marks=pytest.mark.slow)
+
+
+@pytest.mark.parametrize("name,markers", list(_mesh_runs()))
+def test_mesh_suite_on_8_fake_devices(name, markers):
+  """tests/mesh/: forward, sampling and updates on meshes of 8 devices, split roles, two processes.
 
   One subprocess per file, so that `pytest -n` runs them side by side."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
   result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           os.path.join("tests", "mesh", name)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=1500)
+                           "-m", markers, os.path.join("tests", "mesh", name)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=1500)
   assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
   assert " passed" in result.stdout and "skipped" not in result.stdout

@@ -222,6 +222,7 @@ def test_pseudo_label_accuracy_is_the_mean_of_the_last_ten_steps(tmp_path):
   assert row["gain"] == pytest.approx(0.1)
 
 
+@pytest.mark.slow  # Two whole runs side by side: CI's slow step.
 def test_tiny_sweep_writes_results_and_a_rerun_skips_finished_runs(tmp_path, capsys):
   workdir = tmp_path / "sweep"
   argv = ["--config", TINY, "--workdir", str(workdir), "--grid", "rewards.proposer_shape=sqlm,rzero",

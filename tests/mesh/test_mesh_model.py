@@ -13,7 +13,10 @@ from sqlm_jax.rollout.sampling import Sampler
 
 # data alone, fsdp alone, fsdp x tensor, and all three axes together (2 x 2 x 2 also splits
 # rows over data x fsdp, as 2 x 4 x 1 would).
-MESHES = [(8, 1, 1), (1, 8, 1), (1, 4, 2), (2, 2, 2)]
+# 2x2x2 shards every axis at once and 1x4x2 fsdp with tensor; the two single-axis meshes add
+# little to them and run in CI's slow step.
+MESHES = [pytest.param((8, 1, 1), marks=pytest.mark.slow),
+          pytest.param((1, 8, 1), marks=pytest.mark.slow), (1, 4, 2), (2, 2, 2)]
 
 
 def test_mesh_has_8_devices():

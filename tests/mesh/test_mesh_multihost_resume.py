@@ -11,6 +11,9 @@ from safetensors.numpy import load_file
 
 from tests.mesh import multihost
 
+# Two real processes killed or signalled and rerun, minutes on 2 cores: CI's slow step.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):

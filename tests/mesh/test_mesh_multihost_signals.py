@@ -14,6 +14,9 @@ from sqlm_jax.scale import sharding
 from tests.mesh import multihost
 from tests.test_selfplay import permissive_task, tiny_config
 
+# Two real processes killed or signalled and rerun, minutes on 2 cores: CI's slow step.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def stopped(tmp_path_factory):

@@ -75,6 +75,7 @@ def test_mesh_main_reports_the_base_accuracy_of_one_device(eight_devices):
   assert 0 < summary["base_accuracy"] < 1
 
 
+@pytest.mark.slow  # Two real processes, then one: CI's slow step.
 def test_distributed_two_processes_log_what_one_process_logs(eight_devices, tmp_path):
   """Two processes of 4 fake devices each, joined by jax.distributed over gloo."""
   one_workdir, _ = eight_devices
@@ -101,6 +102,7 @@ def test_distributed_two_processes_log_what_one_process_logs(eight_devices, tmp_
         assert a[key] == b[key], key
 
 
+@pytest.mark.slow  # A self-play step on two role meshes: CI's slow step.
 def test_mesh_role_split_puts_each_role_on_half_of_the_devices():
   config = load_config(os.path.join(ROOT, "configs", "tiny.py"))
   config.mesh.role_split = True
@@ -119,6 +121,7 @@ def test_mesh_role_split_puts_each_role_on_half_of_the_devices():
   assert state.params["solver"]["embed_tokens"].sharding.device_set == set(devices[4:])
 
 
+@pytest.mark.slow  # Two dry runs on two meshes: CI's slow step.
 def test_mesh_dry_run_plan_divides_parameters_by_fsdp(qwen2_dir, tmp_path):
   folder = tmp_path / "no_weights"
   folder.mkdir()
