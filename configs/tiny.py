@@ -5,7 +5,8 @@
 The model (sqlm_jax/assets/tiny_addition, made by `python -m sqlm_jax.pretrain_tiny`) knows
 addition of up to 3-digit numbers and has rarely seen 4-digit sums; the held-out set is 4-digit
 addition it has never seen. Proposer and solver train separately, with no labels: the solver is
-rewarded for agreeing with its majority answer, the proposer for questions in the 1 < k < N band.
+rewarded for agreeing with its majority answer, the proposer for questions in the 1 < k < N band,
+and a question whose majority changes when it is re-asked in another form trains nothing.
 """
 
 import os
@@ -30,6 +31,10 @@ def get_config():
   c.rollout.temperature = 0.7  # A weak base votes right more often at a lower temperature.
   c.rewards.proposer_shape = "sqlm"
   c.rewards.min_votes = 2  # An all-different group rewards nobody.
+  # The paraphrase guard: a question whose majority differs from that of the same question
+  # re-asked (operands swapped) pays the proposer nothing and trains the solver on nothing.
+  # Chosen on the validation split of both CPU topics (docs/results.md).
+  c.rewards.paraphrase_guard = "both"
   c.rl.learning_rate = 1e-4  # Tiny models take large steps; the cosine decay keeps the end stable.
   c.rl.lr_schedule = "cosine"  # Decays to 0 at total_steps.
   c.rl.kl_coef = 0.0

@@ -4,10 +4,11 @@
 
 The model (sqlm_jax/assets/tiny_arithmetic, remade by the command in its pretrain_summary.json)
 knows the three operations on numbers of up to 3 digits and has rarely seen 4-digit ones; the
-held-out set arithmetic4 is 4-digit problems it has never seen. Everything but the paraphrase
-guard is the tiny addition default (configs/tiny.py). The guard was chosen on arithmetic4's
-validation split (seed 0: 0.287 -> 0.353 with it, 0.283 without; docs/results.md, "A second CPU
-topic").
+held-out set arithmetic4 is 4-digit problems it has never seen. Everything else is the tiny
+addition default (configs/tiny.py), the paraphrase guard included: on arithmetic4's validation
+split it gave 0.287 -> 0.353, against 0.283 without (seed 0; docs/results.md, "A second CPU
+topic"). Without the guard the proposer is paid for products the solver cannot compute and the
+solver learns their wrong majorities.
 """
 
 import os
@@ -21,8 +22,4 @@ def get_config():
   c.model.path = os.path.join(os.path.dirname(sqlm_jax.__file__), "assets", "tiny_arithmetic")
   c.task.name = "tiny_arithmetic"
   c.eval.heldout = "arithmetic4"
-  # A question whose majority differs from that of its paraphrase pays the proposer nothing and
-  # trains the solver on nothing: without it the proposer is paid for products the solver
-  # cannot compute and the solver learns their wrong majorities.
-  c.rewards.paraphrase_guard = "both"
   return c
