@@ -2,10 +2,11 @@
 
   python -m sqlm_jax.main --config configs/tiny_weak.py
 
-Everything but the base is configs/tiny.py. The base (sqlm_jax/assets/tiny_addition_weak) saw
-fewer answered 4-digit problems in pretraining; on it the majority of the solver's answers is
-right on far fewer of the hard questions, which is where plain self-play stops working (docs/results.md,
-"A weak base").
+Everything but the base is configs/tiny.py, the paraphrase guard included (the weak base's
+results in docs/results.md were measured before it was the default, without it). The base
+(sqlm_jax/assets/tiny_addition_weak) saw fewer answered 4-digit problems in pretraining; on it
+the majority of the solver's answers is right on far fewer of the hard questions, which is where
+plain self-play stops working (docs/results.md, "A weak base").
 """
 
 import os
