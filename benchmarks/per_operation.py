@@ -29,20 +29,29 @@ from sqlm_jax.tasks.base import Proposal
 OPERATIONS = {"+": "sums", "-": "differences", "*": "products"}
 
 
-def per_operation(folder: str, examples: list[dict], num_samples: int, temperature: float):
-  """{operation name or "all": accuracy} for one checkpoint."""
+def by_operation(examples: list[dict]) -> dict[str, list[dict]]:
+  """{"sums" | "differences" | "products": the examples of that operation}."""
+  groups = {name: [] for name in OPERATIONS.values()}
+  for example in examples:
+    groups[OPERATIONS[tiny_arithmetic.operation(Proposal(example["question"]))]].append(example)
+  return groups
+
+
+def per_operation(folder: str, groups: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
+  """{"greedy" | "maj8 t0.7": {operation name or "all": accuracy}} for one checkpoint, loaded
+  and compiled once for both."""
   config, params = load_pretrained(folder)
   tokenizer = load_tokenizer(folder)
   sampler = Sampler(config, tokenizer.pad_id, tokenizer.stop_ids)
-  by_operation = collections.defaultdict(list)
-  for example in examples:
-    by_operation[OPERATIONS[tiny_arithmetic.parts(example["question"])[1]]].append(example)
-  accuracy = {name: pretrain_tiny.accuracy(sampler, tokenizer, params, rows, jax.random.key(0),
-                                           num_samples, temperature, topic=tiny_arithmetic)
-              for name, rows in by_operation.items()}
-  accuracy["all"] = sum(accuracy[name] * len(rows) for name, rows in by_operation.items()) / len(
-      examples)
-  return accuracy
+  total = sum(len(rows) for rows in groups.values())
+  results = {}
+  for num_samples, temperature, label in ((1, 0.0, "greedy"), (8, 0.7, "maj8 t0.7")):
+    accuracy = {name: pretrain_tiny.accuracy(sampler, tokenizer, params, rows, jax.random.key(0),
+                                             num_samples, temperature, topic=tiny_arithmetic)
+                for name, rows in groups.items()}
+    accuracy["all"] = sum(accuracy[name] * len(rows) for name, rows in groups.items()) / total
+    results[label] = accuracy
+  return results
 
 
 def logged_questions(workdir: str) -> dict[str, dict[str, tuple[float, float, int]]]:
@@ -73,18 +82,15 @@ def main():
   parser.add_argument("--split", choices=["validation", "test"], default="validation")
   args = parser.parse_args()
   test, validation, _ = pretrain_tiny.evaluation_sets(tiny_arithmetic)
-  examples = validation if args.split == "validation" else test
-  counts = collections.Counter(OPERATIONS[tiny_arithmetic.parts(e["question"])[1]]
-                               for e in examples)
-  print(f"arithmetic4 {args.split}: {len(examples)} problems "
-        + ", ".join(f"{counts[n]} {n}" for n in OPERATIONS.values()))
+  groups = by_operation(validation if args.split == "validation" else test)
+  print(f"arithmetic4 {args.split}: {sum(len(rows) for rows in groups.values())} problems "
+        + ", ".join(f"{len(rows)} {name}" for name, rows in groups.items()))
   print(f"{'checkpoint':40s} {'answers':>10s} " + " ".join(f"{n:>11s}" for n in OPERATIONS.values())
         + f" {'all':>6s}")
   for folder in args.folders:
     solver = os.path.join(folder, "solver")
-    checkpoint = solver if os.path.isdir(solver) else folder
-    for num_samples, temperature, label in ((1, 0.0, "greedy"), (8, 0.7, "maj8 t0.7")):
-      accuracy = per_operation(checkpoint, examples, num_samples, temperature)
+    for label, accuracy in per_operation(solver if os.path.isdir(solver) else folder,
+                                         groups).items():
       print(f"{folder[-40:]:40s} {label:>10s} "
             + " ".join(f"{accuracy[n]:11.3f}" for n in OPERATIONS.values())
             + f" {accuracy['all']:6.3f}")
