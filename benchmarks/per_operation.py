@@ -57,7 +57,8 @@ def per_operation(folder: str, groups: dict[str, list[dict]]) -> dict[str, dict[
 def logged_questions(workdir: str) -> dict[str, dict[str, tuple[float, float, int]]]:
   """{"first half" | "second half": {operation: (share of well-formed questions, pseudo-label
   accuracy, count)}} from a workdir's samples.jsonl."""
-  records = [json.loads(line) for line in open(os.path.join(workdir, "samples.jsonl"))]
+  with open(os.path.join(workdir, "samples.jsonl")) as f:
+    records = [json.loads(line) for line in f]
   last = max(r["step"] for r in records)
   halves = {}
   for half, keep in (("first half", lambda step: step <= last // 2),
