@@ -72,7 +72,15 @@ def test_generated_questions_are_proposer_questions_of_every_operation_and_size(
 
 def test_paraphrase_keeps_the_answer_in_another_form():
   assert TASK.paraphrase(Proposal("4321+8765")).question == "8765+4321"
-  assert TASK.paraphrase(Proposal("4321*7000")).question == "7000*4321"
+  # A product by an even digit halves it and doubles the other factor (1234 * 6 = 2468 * 3);
+  # by 3 or 4 with an even partner, the other way (1234 * 3 = 617 * 6); by 0 or 1 it is its
+  # result plus 0; otherwise its factors are swapped.
+  assert TASK.paraphrase(Proposal("4321*6000")).question == "8642*3000"
+  assert TASK.paraphrase(Proposal("6000*4321")).question == "3000*8642"
+  assert TASK.paraphrase(Proposal("4321*3000")).question == "7160*6000"
+  assert TASK.paraphrase(Proposal("1000*8765")).question == "8765+0000"  # 5678 + 0
+  assert TASK.paraphrase(Proposal("9999*8000")).question == "8000*9999"  # 19998 is too long
+  assert TASK.paraphrase(Proposal("5432*7000")).question == "7000*5432"
   assert TASK.paraphrase(Proposal("4321-6500")).question == "5321-7500"  # 1235 - 57
   assert TASK.paraphrase(Proposal("9999-6500")).question == "8999-5500"  # 9998 - 55
   assert TASK.paraphrase(Proposal("9999-0000")).question == "0000+9999"  # 0 + 9999

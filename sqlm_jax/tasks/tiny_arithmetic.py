@@ -130,14 +130,32 @@ def generate_question(rng: random.Random) -> Proposal:
 
 
 def paraphrase(proposal: Proposal) -> Proposal:
-  """The question in another form with the same answer.
+  """The question in another form with the same answer, computed along another path.
 
-  A sum or product with its operands swapped; a subtraction with both operands moved by one,
-  (a + 1) - (b + 1), or (a - 1) - (b - 1) when a + 1 has more than WIDTH digits; 9999 - 0,
-  which neither fits, is re-asked as 0 + 9999.
+  A sum has its operands swapped. A product by an even digit halves it and doubles the other
+  factor, 1234 * 6 as 2468 * 3; one by 3 or 4 with an even partner goes the other way, 1234 * 3
+  as 617 * 6; one by 0 or 1 is re-asked as its result plus 0; any other (an odd digit above 4
+  with an odd partner, or a double that would not fit) has its factors swapped. A subtraction
+  has both operands moved by one, (a + 1) - (b + 1), or (a - 1) - (b - 1) when a + 1 has more
+  than WIDTH digits; 9999 - 0, which neither fits, is re-asked as 0 + 9999. A solver that is
+  wrong the same way in both orders passes a swap; a product re-asked with other digits makes
+  it compute another way.
   """
   a, op, b = parts(proposal.question)
-  if op != "-":
+  if op == "*":
+    digit_first = a < 10  # Which factor is the one-digit one; the re-asked product keeps it there.
+    digit, other = (a, b) if digit_first else (b, a)
+    if digit in (2, 4, 6, 8) and other > 1 and well_formed(2 * other, "*", digit // 2):
+      digit, other = digit // 2, 2 * other
+    elif 2 <= digit <= 4 and other % 2 == 0 and other > 1:
+      digit, other = 2 * digit, other // 2
+    elif digit <= 1:
+      return parse_proposal(format_question(digit * other, "+", 0))
+    else:
+      return parse_proposal(format_question(b, op, a))
+    return parse_proposal(format_question(digit, op, other) if digit_first
+                          else format_question(other, op, digit))
+  if op == "+":
     return parse_proposal(format_question(b, op, a))
   if a + 1 < 10**WIDTH:
     return parse_proposal(format_question(a + 1, "-", b + 1))
