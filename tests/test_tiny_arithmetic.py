@@ -81,7 +81,11 @@ def test_paraphrase_keeps_the_answer_in_another_form():
   assert TASK.paraphrase(Proposal("1000*8765")).question == "8765+0000"  # 5678 + 0
   assert TASK.paraphrase(Proposal("9999*8000")).question == "8000*9999"  # 19998 is too long
   assert TASK.paraphrase(Proposal("5432*7000")).question == "7000*5432"
-  assert TASK.paraphrase(Proposal("4321-6500")).question == "5321-7500"  # 1235 - 57
+  # A subtraction moves both operands by the repunit of the first's length, so that every digit
+  # changes: 1234 - 56 as 2345 - 1167; down when up does not fit, else by one.
+  assert TASK.paraphrase(Proposal("4321-6500")).question == "5432-7611"  # 2345 - 1167
+  assert TASK.paraphrase(Proposal("9999-1111")).question == "8888-0000"  # 8888 - 0
+  assert TASK.paraphrase(Proposal("5000-3000")).question == "6000-4000"  # 6 - 4
   assert TASK.paraphrase(Proposal("9999-6500")).question == "8999-5500"  # 9998 - 55
   assert TASK.paraphrase(Proposal("9999-0000")).question == "0000+9999"  # 0 + 9999
   rng = random.Random(1)

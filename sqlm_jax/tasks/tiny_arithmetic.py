@@ -7,8 +7,7 @@ significant first (6912 is "21960"), as in tiny_addition, whose reasons for the 
 
 A question is well-formed when its result fits that answer: a subtraction's first operand is at
 least its second (no negative results), and one factor of a product has a single digit (a
-4-digit number times one digit has at most 5). Either factor may be the small one, so that a
-product can be re-asked with its factors swapped.
+4-digit number times one digit has at most 5). Either factor may be the small one.
 
 The whole vocabulary is `CHARS` (15 characters; with <pad> and <eos>, 17 ids):
   proposer prompt    "?"                 -> completion "4321*7000" <eos>
@@ -136,10 +135,12 @@ def paraphrase(proposal: Proposal) -> Proposal:
   factor, 1234 * 6 as 2468 * 3; one by 3 or 4 with an even partner goes the other way, 1234 * 3
   as 617 * 6; one by 0 or 1 is re-asked as its result plus 0; any other (an odd digit above 4
   with an odd partner, or a double that would not fit) has its factors swapped. A subtraction
-  has both operands moved by one, (a + 1) - (b + 1), or (a - 1) - (b - 1) when a + 1 has more
-  than WIDTH digits; 9999 - 0, which neither fits, is re-asked as 0 + 9999. A solver that is
-  wrong the same way in both orders passes a swap; a product re-asked with other digits makes
-  it compute another way.
+  has both operands moved by the repunit as long as its first, so that every digit changes:
+  1234 - 56 as 2345 - 1167, or (a - 1111) - (b - 1111) when a + 1111 has more than WIDTH
+  digits; failing both, by one, (a + 1) - (b + 1) or (a - 1) - (b - 1); 9999 - 0, which fits
+  none, is re-asked as 0 + 9999. A solver that is wrong the same way in both orders passes a
+  swap, and one wrong in the high digits passes a move by one; re-asked with other digits, it
+  has to compute again.
   """
   a, op, b = parts(proposal.question)
   if op == "*":
@@ -157,6 +158,11 @@ def paraphrase(proposal: Proposal) -> Proposal:
                           else format_question(other, op, digit))
   if op == "+":
     return parse_proposal(format_question(b, op, a))
+  shift = int("1" * len(str(a)))  # 1111 for a 4-digit a: every digit of both operands moves.
+  if a + shift < 10**WIDTH:
+    return parse_proposal(format_question(a + shift, "-", b + shift))
+  if b >= shift:
+    return parse_proposal(format_question(a - shift, "-", b - shift))
   if a + 1 < 10**WIDTH:
     return parse_proposal(format_question(a + 1, "-", b + 1))
   if b >= 1:
