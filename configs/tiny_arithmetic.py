@@ -5,11 +5,13 @@
 The model (sqlm_jax/assets/tiny_arithmetic, remade by the command in its pretrain_summary.json)
 knows the three operations on numbers of up to 3 digits and has rarely seen 4-digit ones; the
 held-out set arithmetic4 is 4-digit problems it has never seen. Everything else is the tiny
-addition default (configs/tiny.py) but the run's length, the paraphrase guard included: on
-arithmetic4's validation split it gave 0.287 -> 0.353, against 0.283 without (seed 0, 150
-steps; docs/results.md, "A second CPU topic"). Without the guard the proposer is paid for
-products the solver cannot compute and the solver learns their wrong majorities. 400 steps
-instead of 150 gave +10.7 / +3.0 / +10.3 points on the validation split (seeds 0 / 1 / 2).
+addition default (configs/tiny.py), the paraphrase guard included, but the run's length and
+how malformed proposals train. Each setting was chosen on arithmetic4's validation split
+(docs/results.md, "A second CPU topic"): the guard gave 0.287 -> 0.353 against 0.283 without
+(seed 0, 150 steps; without it the proposer is paid for products the solver cannot compute and
+the solver learns their wrong majorities); 400 steps instead of 150, +10.7 / +3.0 / +10.3
+points (seeds 0 / 1 / 2); then the topic's stricter paraphrase (a product or a difference
+re-asked with other digits) with malformed proposals trained, PS_VAL.
 """
 
 import os
@@ -29,7 +31,6 @@ def get_config():
   c.eval.every = 50
   # A malformed proposal is trained on with proposer reward 0 (the reference trainer's way), not
   # masked out: masked, nothing pushed back when the proposer drifted from products into
-  # malformed ones and then nothing trained (validation split; docs/results.md, "A stricter
-  # paraphrase").
+  # malformed ones, and then nothing trained (docs/results.md, "A stricter paraphrase").
   c.rewards.train_malformed_proposals = True
   return c
