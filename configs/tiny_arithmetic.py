@@ -11,7 +11,7 @@ how malformed proposals train. Each setting was chosen on arithmetic4's validati
 (seed 0, 150 steps; without it the proposer is paid for products the solver cannot compute and
 the solver learns their wrong majorities); 400 steps instead of 150, +10.7 / +3.0 / +10.3
 points (seeds 0 / 1 / 2); then the topic's stricter paraphrase (a product or a difference
-re-asked with other digits) with malformed proposals trained, PS_VAL.
+re-asked with other digits) with malformed proposals trained, +12.3 / +7.7 / +10.7.
 """
 
 import os
