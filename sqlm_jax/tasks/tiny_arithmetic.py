@@ -158,15 +158,12 @@ def paraphrase(proposal: Proposal) -> Proposal:
                           else format_question(other, op, digit))
   if op == "+":
     return parse_proposal(format_question(b, op, a))
-  shift = int("1" * len(str(a)))  # 1111 for a 4-digit a: every digit of both operands moves.
-  if a + shift < 10**WIDTH:
-    return parse_proposal(format_question(a + shift, "-", b + shift))
-  if b >= shift:
-    return parse_proposal(format_question(a - shift, "-", b - shift))
-  if a + 1 < 10**WIDTH:
-    return parse_proposal(format_question(a + 1, "-", b + 1))
-  if b >= 1:
-    return parse_proposal(format_question(a - 1, "-", b - 1))
+  # 1111 for a 4-digit a, so that every digit of both operands moves; else by one.
+  for shift in (int("1" * len(str(a))), 1):
+    if a + shift < 10**WIDTH:
+      return parse_proposal(format_question(a + shift, "-", b + shift))
+    if b >= shift:
+      return parse_proposal(format_question(a - shift, "-", b - shift))
   return parse_proposal(format_question(b, "+", a))
 
 
