@@ -24,7 +24,15 @@ neighbouring evaluations, and a self-play gain would be hard to tell from that n
 `--stop_at_dev LO,HI` stops at the first evaluation (every `--eval_every` steps) whose dev
 greedy accuracy is in [LO, HI] and keeps that point's weights, e.g. a weak base:
   python -m sqlm_jax.pretrain_tiny --out runs/weak_base --eval_every 10 --stop_at_dev 0.35,0.45
-The learning-rate schedule is always `--steps` long, so a stopped run is the same run cut short.
+A stopped run is the same run cut short.
+
+When the jump happens is chaotic: the last bit of a float sum moves it by hundreds of steps, so
+the same command on another CPU can give a base 30 points better or worse at a fixed step
+(tiny_arithmetic, 1,200 steps: 0.21 on one CPU, 0.29 on another, 0.57 with SSE-only code).
+`--decay_at_dev ACC` ties the schedule to the jump instead of the step: the decay
+(`--decay_steps` long) starts after the first evaluation with dev greedy >= ACC, at the latest
+`--decay_steps` before `--steps`. With `--stop_at_dev LO,1` it gives a base at about LO on
+any CPU: sqlm_jax/assets/tiny_arithmetic is made so.
 A run is deterministic: the corpus comes from Python's `random` seeded by --seed (answered
 problems and questions from two streams), the weights and evaluation samples from jax keys of
 --seed, and nothing depends on hash or dict order; the same command on the same machine writes
@@ -188,19 +196,18 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
   return step
 
 
-def make_optimizer(lr: float, steps: int, warmup: int, weight_decay: float,
-                   decay_fraction: float = 0.3, max_grad_norm: float = 1.0):
-  """AdamW: linear warm-up, constant, then a linear decay to zero over the last steps.
+def make_optimizer(lr: float, warmup: int, decay_start: int, decay_steps: int,
+                   weight_decay: float, max_grad_norm: float = 1.0):
+  """AdamW: linear warm-up, constant until `decay_start`, then a linear decay to zero.
 
   The rate stays high through the long plateau before addition is learned (a cosine decay
   shrinks it there and delays the jump by hundreds of steps); the final decay settles it.
   """
-  decay = max(1, int(steps * decay_fraction))
-  warmup = min(warmup, steps - decay)
+  warmup = min(warmup, decay_start)
   schedule = optax.join_schedules([
       optax.linear_schedule(0.0, lr, max(warmup, 1)),
       optax.constant_schedule(lr),
-      optax.linear_schedule(lr, 0.0, decay)], [warmup, steps - decay])
+      optax.linear_schedule(lr, 0.0, decay_steps)], [warmup, decay_start])
   clip = optax.clip_by_global_norm(max_grad_norm) if max_grad_norm else optax.identity()
   adamw = optax.adamw(schedule, weight_decay=weight_decay,
                       mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p))
@@ -272,15 +279,25 @@ def pretrain(out: str, steps: int = 900, batch_size: int = 128, lr: float = 3e-3
              eval_every: int = 0, dev_examples: int = 0, heldout_data_dir: Optional[str] = None,
              log=print, argv: Sequence[str] = (),
              stop_at_dev: Optional[tuple[float, float]] = None,
-             task: str = "tiny_addition") -> dict:
+             task: str = "tiny_addition", decay_steps: int = 0,
+             decay_at_dev: Optional[float] = None) -> dict:
   """Trains from scratch, writes the checkpoint folder and returns a summary dict.
 
   argv: the command-line arguments without --out, kept in pretrain_summary.json: with
   `--out DIR` added they remake the checkpoint.
   stop_at_dev: (lo, hi): stop at the first evaluation with lo <= dev greedy <= hi.
+  decay_steps: the length of the final decay (0: 30 % of `steps`).
+  decay_at_dev: start the decay after the first evaluation with dev greedy >= this, at the
+    latest `decay_steps` before `steps`; the run ends when its decay does.
   """
   if steps < 2:
     raise ValueError(f"--steps={steps}: needs at least 2 steps for the warm-up and decay.")
+  decay_steps = decay_steps or max(1, int(steps * 0.3))
+  if not 1 <= decay_steps < steps:
+    raise ValueError(f"--decay_steps={decay_steps}: needs 1 <= N < --steps ({steps}).")
+  if decay_at_dev is not None and eval_every < 1:
+    raise ValueError("--decay_at_dev needs --eval_every N (N >= 1): dev accuracy is checked "
+                     "at each evaluation.")
   if stop_at_dev is not None:
     lo, hi = stop_at_dev
     if not 0 <= lo <= hi <= 1:
@@ -297,9 +314,13 @@ def pretrain(out: str, steps: int = 900, batch_size: int = 128, lr: float = 3e-3
   tokenizer = CharTokenizer(topic.CHARS)
   config = model_config(layers, hidden, heads, tokenizer.vocab_size)
   params = init_params(config, jax.random.key(seed))
-  optimizer = make_optimizer(lr, steps, warmup, weight_decay)
-  opt_state = optimizer.init(params)
-  train_step = make_train_step(config, optimizer)
+
+  def optimizer(decay_start):
+    return make_optimizer(lr, warmup, decay_start, decay_steps, weight_decay)
+
+  decay_start = steps - decay_steps  # at the latest; --decay_at_dev may bring it forward
+  opt_state = optimizer(decay_start).init(params)
+  train_step = make_train_step(config, optimizer(decay_start))
 
   _, dev, excluded = evaluation_sets(topic)
   dev = dev[:dev_examples] if dev_examples else dev
@@ -308,15 +329,17 @@ def pretrain(out: str, steps: int = 900, batch_size: int = 128, lr: float = 3e-3
   eval_key = jax.random.key(seed + 1)
 
   history, dev_history, stopped_at = [], [], None
-  for step in range(steps):
+  step = 0
+  while step < decay_start + decay_steps:
+    last = step == decay_start + decay_steps - 1
     texts = [make_document(rng, spec, excluded, question_rng, topic) for _ in range(batch_size)]
     tokens, mask, scored = encode_documents(tokenizer, texts, spec.max_length(topic),
                                             topic.ANSWER_MARKER)
     params, opt_state, loss = train_step(params, opt_state, tokens, mask, scored)
-    if step % 50 == 0 or step == steps - 1:
+    if step % 50 == 0 or last:
       history.append((step, float(loss)))
       log(f"step {step:5d}  loss {float(loss):.4f}  {time.time() - start:6.1f}s")
-    if eval_every and step % eval_every == eval_every - 1 and step != steps - 1:
+    if eval_every and step % eval_every == eval_every - 1 and not last:
       dev_greedy = accuracy(sampler, tokenizer, params, dev, eval_key, topic=topic)
       dev_history.append((step, dev_greedy))
       log(f"step {step:5d}  dev greedy {dev_greedy:.3f}")
@@ -324,12 +347,17 @@ def pretrain(out: str, steps: int = 900, batch_size: int = 128, lr: float = 3e-3
         stopped_at = step
         log(f"step {step:5d}  dev greedy in [{stop_at_dev[0]}, {stop_at_dev[1]}]: stopping")
         break
+      if decay_at_dev is not None and dev_greedy >= decay_at_dev and step + 1 < decay_start:
+        decay_start = step + 1  # Same optimizer state; only the schedule's boundary moves.
+        train_step = make_train_step(config, optimizer(decay_start))
+        log(f"step {step:5d}  dev greedy >= {decay_at_dev}: the decay starts")
+    step += 1
   train_seconds = time.time() - start
 
   metrics = {"dev_greedy": accuracy(sampler, tokenizer, params, dev, eval_key, topic=topic)}
   if stop_at_dev is not None and stopped_at is None:
     in_band = stop_at_dev[0] <= metrics["dev_greedy"] <= stop_at_dev[1]
-    stopped_at = steps - 1 if in_band else None
+    stopped_at = step - 1 if in_band else None
     log(f"dev greedy {metrics['dev_greedy']:.3f} at the end"
         + ("" if in_band else f" never entered [{stop_at_dev[0]}, {stop_at_dev[1]}] at an "
            "evaluation: the final weights are saved; try other --steps or corpus settings"))
@@ -353,6 +381,8 @@ def pretrain(out: str, steps: int = 900, batch_size: int = 128, lr: float = 3e-3
              "lr": lr, "warmup": warmup,
              "weight_decay": weight_decay, "seed": seed, "corpus": dataclasses.asdict(spec),
              "stop_at_dev": list(stop_at_dev) if stop_at_dev else None,
+             "decay_steps": decay_steps, "decay_at_dev": decay_at_dev,
+             "decay_started_at_step": decay_start,
              "stopped_at_step": stopped_at, "eval_every": eval_every,
              "num_params": config.num_params(), "train_seconds": round(train_seconds, 1),
              "loss_history": history, "dev_history": dev_history, "metrics": metrics}
@@ -399,6 +429,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   parser.add_argument("--stop_at_dev", type=_band, default=None, metavar="LO,HI",
                       help="stop when dev greedy accuracy first lies in [LO, HI] (needs "
                       "--eval_every); the schedule stays --steps long")
+  parser.add_argument("--decay_steps", type=int, default=0,
+                      help="length of the final decay to zero (default: 30%% of --steps)")
+  parser.add_argument("--decay_at_dev", type=float, default=None, metavar="ACC",
+                      help="start the decay after the first evaluation with dev greedy >= ACC "
+                      "(needs --eval_every; at the latest --decay_steps before --steps)")
   parser.add_argument("--dev_examples", type=int, default=0,
                       help="evaluate on this many dev problems (0 = all 300)")
   parser.add_argument("--heldout_data_dir", default=None,
@@ -414,7 +449,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   return pretrain(args.out, args.steps, args.batch_size, args.lr, args.warmup,
                   args.weight_decay, args.seed, args.layers, args.hidden, args.heads, spec,
                   args.eval_every, args.dev_examples, heldout_dir,
-                  argv=without_out(argv), stop_at_dev=args.stop_at_dev, task=args.task)
+                  argv=without_out(argv), stop_at_dev=args.stop_at_dev, task=args.task,
+                  decay_steps=args.decay_steps, decay_at_dev=args.decay_at_dev)
 
 
 def without_out(argv: Sequence[str]) -> list[str]:

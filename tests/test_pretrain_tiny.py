@@ -211,6 +211,22 @@ def test_stop_at_dev_keeps_the_first_evaluation_in_the_band_and_runs_are_determi
           != (tmp_path / "c" / "model.safetensors").read_bytes())
 
 
+def test_decay_at_dev_starts_the_decay_at_the_first_evaluation_that_reaches_it(tmp_path):
+  # An untrained model answers no dev problem: 0 >= 0 at step 9, so the 10-step decay starts
+  # at step 10 and the run ends after step 19, not at --steps.
+  early = _small_run(tmp_path / "a", "--decay_steps", "10", "--decay_at_dev", "0")
+  assert early["decay_started_at_step"] == 10 and early["decay_steps"] == 10
+  assert [s for s, _ in early["dev_history"]] == [9] and early["loss_history"][-1][0] == 19
+  # Never reached: the decay takes the last 10 of the 40 steps.
+  late = _small_run(tmp_path / "b", "--decay_steps", "10", "--decay_at_dev", "0.9")
+  assert late["decay_started_at_step"] == 30 and late["loss_history"][-1][0] == 39
+  assert [s for s, _ in late["dev_history"]] == [9, 19, 29]
+  with pytest.raises(ValueError, match="--decay_at_dev needs --eval_every"):
+    pretrain_tiny.main(["--out", str(tmp_path), "--steps", "4", "--decay_at_dev", "0.3"])
+  with pytest.raises(ValueError, match="--decay_steps=4: needs 1 <= N < --steps"):
+    pretrain_tiny.main(["--out", str(tmp_path), "--steps", "4", "--decay_steps", "4"])
+
+
 def test_stop_at_dev_needs_evaluations(tmp_path):
   with pytest.raises(ValueError, match="--stop_at_dev needs --eval_every"):
     pretrain_tiny.main(["--out", str(tmp_path), "--steps", "4", "--stop_at_dev", "0.3,0.4"])
