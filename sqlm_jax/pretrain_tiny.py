@@ -31,8 +31,8 @@ the same command on another CPU can give a base 30 points better or worse at a f
 (tiny_arithmetic, 1,200 steps: 0.21 on one CPU, 0.29 on another, 0.57 with SSE-only code).
 `--decay_at_dev ACC` ties the schedule to the jump instead of the step: the decay
 (`--decay_steps` long) starts after the first evaluation with dev greedy >= ACC, at the latest
-`--decay_steps` before `--steps`. With `--stop_at_dev LO,1` it gives a base at about LO on
-any CPU: sqlm_jax/assets/tiny_arithmetic is made so.
+`--decay_steps` before `--steps`. With a `--stop_at_dev` band 3 points wide it gives a base in
+that band on any CPU: sqlm_jax/assets/tiny_arithmetic is made so.
 A run is deterministic: the corpus comes from Python's `random` seeded by --seed (answered
 problems and questions from two streams), the weights and evaluation samples from jax keys of
 --seed, and nothing depends on hash or dict order; the same command on the same machine writes
@@ -319,8 +319,9 @@ def pretrain(out: str, steps: int = 900, batch_size: int = 128, lr: float = 3e-3
     return make_optimizer(lr, warmup, decay_start, decay_steps, weight_decay)
 
   decay_start = steps - decay_steps  # at the latest; --decay_at_dev may bring it forward
-  opt_state = optimizer(decay_start).init(params)
-  train_step = make_train_step(config, optimizer(decay_start))
+  first_optimizer = optimizer(decay_start)
+  opt_state = first_optimizer.init(params)
+  train_step = make_train_step(config, first_optimizer)
 
   _, dev, excluded = evaluation_sets(topic)
   dev = dev[:dev_examples] if dev_examples else dev
@@ -428,7 +429,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   parser.add_argument("--eval_every", type=int, default=0, help="dev greedy accuracy every N steps")
   parser.add_argument("--stop_at_dev", type=_band, default=None, metavar="LO,HI",
                       help="stop when dev greedy accuracy first lies in [LO, HI] (needs "
-                      "--eval_every); the schedule stays --steps long")
+                      "--eval_every); the stop does not change the schedule")
   parser.add_argument("--decay_steps", type=int, default=0,
                       help="length of the final decay to zero (default: 30%% of --steps)")
   parser.add_argument("--decay_at_dev", type=float, default=None, metavar="ACC",
